@@ -1,0 +1,304 @@
+"""GoogLeNet (Inception v1) in Flax linen: one network, five layouts (see `variants.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from googlenet_jax import layers
+from googlenet_jax import variants as V
+
+Dtype = Any
+ModuleDef = Any
+
+# torchvision's `transform_input`: ImageNet-normalised input -> the [-1, 1] range of its weights.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GoogLeNetOutputs(NamedTuple):
+  """Train-mode outputs. `aux1` is the head after inception 4a, `aux2` the one after 4d.
+  (torchvision's namedtuple orders them (logits, aux_logits2, aux_logits1).)"""
+  logits: jax.Array
+  aux1: jax.Array
+  aux2: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisers, one set per origin, so that a fresh model trains like the model it comes from.
+
+
+def _torch_default_bias(fan_in: int):
+  """PyTorch's default bias init for Conv2d/Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _constant_bias(value: float):
+  return lambda fan_in: nn.initializers.constant(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Initializers:
+  conv_kernel: Callable
+  dense_kernel: Callable
+  bias: Callable[[int], Callable]  # fan_in -> initializer, for every conv and hidden dense layer
+  classifier_bias: Callable[[int], Callable]
+
+
+INITIALIZERS = {
+    # torch: kaiming_normal_(fan_out, relu) for convs, N(0, 0.01) for linears, zero biases.
+    "kaiming": Initializers(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                            nn.initializers.normal(0.01), _constant_bias(0.0),
+                            _constant_bias(0.0)),
+    # Caffe bvlc_googlenet: xavier filler (uniform, variance 1/fan_in), bias 0.2, classifier 0.
+    "caffe": Initializers(nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+                          nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+                          _constant_bias(0.2), _constant_bias(0.0)),
+    # torchvision: trunc_normal_(std=0.01, a=-2, b=2); the bounds are absolute (200 std), so
+    # this is a plain normal. Linear biases keep PyTorch's default.
+    "torchvision": Initializers(nn.initializers.normal(0.01), nn.initializers.normal(0.01),
+                                _torch_default_bias, _torch_default_bias),
+    # d2l's init_cnn: xavier_uniform_ weights, PyTorch default biases.
+    "xavier": Initializers(nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
+                           _torch_default_bias, _torch_default_bias),
+    # Keras defaults.
+    "glorot": Initializers(nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
+                           _constant_bias(0.0), _constant_bias(0.0)),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Static shape arithmetic (used for input checks before tracing, and by the summary tool).
+
+
+def stage_pool(layout: V.Layout, name: str) -> tuple[int, int, layers.Padding, bool]:
+  """(window, stride, padding, ceil_mode) of one of the stride-2 max pools."""
+  window = layout.maxpool4_window if name == "maxpool4" else 3
+  if layout.pool == "ceil":
+    return window, 2, 0, True
+  if layout.pool == "floor_pad1":
+    return window, 2, 1, False
+  return window, 2, "SAME", False
+
+
+def feature_map_sizes(layout: V.Layout, height: int, width: int) -> dict[str, tuple[int, int]]:
+  """Spatial size after every row of Table 1 for an input of `height` x `width`."""
+  sizes, hw = {}, (height, width)
+  for row in V.TABLE_1:
+    if isinstance(row, V.Conv):
+      pad = "SAME" if layout.same_padding else row.kernel // 2
+      hw = tuple(layers.out_size(n, row.kernel, row.stride, pad) for n in hw)
+    elif isinstance(row, V.MaxPool):
+      hw = tuple(layers.out_size(n, *stage_pool(layout, row.name)) for n in hw)
+    sizes[row.name] = hw
+  return sizes
+
+
+def _aux_input_ok(layout: V.Layout, hw: tuple[int, int]) -> bool:
+  if layout.aux_pool == "adaptive4":
+    return min(hw) >= 1
+  return all(n >= 5 and layers.out_size(n, 5, 3, 0) == 4 for n in hw)
+
+
+def _input_sizes_that(ok: Callable[[dict], bool], layout: V.Layout) -> str:
+  good = [n for n in range(1, 513) if ok(feature_map_sizes(layout, n, n))]
+  if not good:
+    return "none up to 512"
+  return f"{good[0]}-{good[-1]}" if good[-1] - good[0] + 1 == len(good) else f"from {good[0]}"
+
+
+# --------------------------------------------------------------------------------------------
+# The network.
+
+
+class InceptionBlock(nn.Module):
+  """Four parallel branches, concatenated on channels (Figure 2b of the paper)."""
+  spec: V.Inception
+  conv: ModuleDef  # a ConvUnit with the layout's normalisation, padding and initialisers
+  conv_5x5_kernel: int = 5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    s = self.spec
+    branch_1x1 = self.conv(s.conv_1x1, 1, name="conv_1x1")(x, train)
+    branch_3x3 = self.conv(s.conv_3x3_reduce, 1, name="conv_3x3_reduce")(x, train)
+    branch_3x3 = self.conv(s.conv_3x3, 3, name="conv_3x3")(branch_3x3, train)
+    branch_5x5 = self.conv(s.conv_5x5_reduce, 1, name="conv_5x5_reduce")(x, train)
+    branch_5x5 = self.conv(s.conv_5x5, self.conv_5x5_kernel, name="conv_5x5")(branch_5x5, train)
+    # 3x3/1 max pool, padding 1 (the same as 'SAME' at stride 1, and as torchvision's ceil_mode).
+    pooled = layers.max_pool(x, 3, 1, padding=1)
+    branch_pool = self.conv(s.pool_proj, 1, name="pool_proj")(pooled, train)
+    return jnp.concatenate([branch_1x1, branch_3x3, branch_5x5, branch_pool], axis=-1)
+
+
+class AuxHead(nn.Module):
+  """Auxiliary classifier: pool to 4x4 -> 1x1 conv 128 -> fc 1024 + ReLU -> fc."""
+  num_classes: int
+  layout: V.Layout
+  conv: ModuleDef
+  dropout: float
+  init: Initializers
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, deterministic: bool) -> jax.Array:
+    if self.layout.aux_pool == "adaptive4":
+      x = layers.adaptive_avg_pool(x, 4)
+    else:
+      x = layers.avg_pool(x, 5, 3)
+    x = self.conv(V.AUX_CONV_FEATURES, 1, name="conv")(x, train)
+    # Flattened in NHWC order; the PyTorch converters permute fc1's (c, h, w) rows to match.
+    x = x.reshape(x.shape[0], -1)
+    dense = functools.partial(nn.Dense, kernel_init=self.init.dense_kernel, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    if self.layout.aux_dropout_before_fc1:
+      x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.relu(dense(V.AUX_FC_FEATURES, bias_init=self.init.bias(x.shape[-1]), name="fc1")(x))
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return dense(self.num_classes, bias_init=self.init.classifier_bias(x.shape[-1]),
+                 name="fc2")(x)
+
+
+class GoogLeNet(nn.Module):
+  """GoogLeNet / Inception v1 on NHWC images.
+
+  Attributes:
+    variant: "classic" (default), "paper", "torchvision", "d2l" or "keras" (`variants.LAYOUTS`).
+    num_classes: classifier outputs.
+    aux_logits: build the auxiliary heads; None takes the variant's default.
+    transform_input: torchvision's re-normalisation of ImageNet-normalised input to [-1, 1].
+    dropout, aux_dropout: override the variant's dropout rates.
+    dtype: compute dtype (e.g. bfloat16, or float64 under `jax_enable_x64`).
+    param_dtype: dtype of freshly initialised parameters.
+    bn_axis_name: mapped axis to average BatchNorm statistics over (cross-replica BatchNorm).
+  """
+  variant: str = "classic"
+  num_classes: int = 1000
+  aux_logits: Optional[bool] = None
+  transform_input: bool = False
+  dropout: Optional[float] = None
+  aux_dropout: Optional[float] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @property
+  def layout(self) -> V.Layout:
+    return V.get_layout(self.variant)
+
+  @property
+  def has_aux(self) -> bool:
+    layout = self.layout
+    if self.aux_logits and not layout.aux_logits:
+      raise ValueError(f"the {layout.name!r} layout has no auxiliary heads; use aux_logits=None")
+    return layout.aux_logits if self.aux_logits is None else self.aux_logits
+
+  def check_input(self, x: Any, train: bool) -> None:
+    """Raise a ValueError naming what was expected, before anything is traced."""
+    layout = self.layout
+    desc = f"GoogLeNet(variant={layout.name!r})"
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 4:
+      raise ValueError(f"{desc} expects NHWC images of rank 4 (batch, height, width, "
+                       f"{layout.in_channels}), got {'shape ' + str(tuple(shape)) if shape is not None else type(x).__name__}")
+    if shape[-1] != layout.in_channels:
+      raise ValueError(f"{desc} expects {layout.in_channels} input channel(s) in the last (NHWC) "
+                       f"axis, got shape {tuple(shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{desc} expects floating-point images, got dtype {x.dtype}; convert "
+                       "(and normalise) them first, e.g. x.astype(jnp.float32) / 255")
+    sizes = feature_map_sizes(layout, shape[1], shape[2])
+    size_msg = f"{shape[1]}x{shape[2]}"
+    if min(min(hw) for hw in sizes.values()) < 1:
+      ok = lambda s: min(min(hw) for hw in s.values()) >= 1
+      raise ValueError(f"{desc}: a {size_msg} input is too small for the stride-32 network; "
+                       f"it needs at least {_input_sizes_that(ok, layout).split('-')[0]} pixels")
+    if layout.head_pool == "avg7" and sizes["inception_5b"] != (7, 7):
+      ok = lambda s: s["inception_5b"] == (7, 7)
+      raise ValueError(f"{desc} ends in a 7x7/1 average pool and needs a 7x7 map at "
+                       f"inception_5b; a {size_msg} input gives {sizes['inception_5b']}. "
+                       f"Square inputs that fit: {_input_sizes_that(ok, layout)}")
+    if train and self.has_aux:
+      for tap, source in (("aux_after_4a", "inception_4a"), ("aux_after_4d", "inception_4d")):
+        if not _aux_input_ok(layout, sizes[source]):
+          ok = lambda s: _aux_input_ok(layout, s["inception_4a"])
+          raise ValueError(
+              f"{desc} in train mode feeds {tap} a {sizes[source]} map from a {size_msg} input; "
+              "its 5x5/3 average pool needs 14-16 pixels to give the 4x4 that fc1 expects. "
+              f"Square inputs that fit: {_input_sizes_that(ok, layout)}; or aux_logits=False")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               deterministic: Optional[bool] = None) -> Any:
+    layout = self.layout
+    init = INITIALIZERS[layout.init]
+    initializing = self.is_initializing()
+    self.check_input(x, train and not initializing)
+    if deterministic is None:
+      deterministic = not train
+    # `init` creates every parameter, the aux heads included, whatever the mode.
+    run_aux = self.has_aux and (train or initializing)
+    dropout = layout.dropout if self.dropout is None else self.dropout
+    aux_dropout = layout.aux_dropout if self.aux_dropout is None else self.aux_dropout
+
+    conv = functools.partial(
+        layers.ConvUnit, same_padding=layout.same_padding, batch_norm=layout.batch_norm,
+        bn_epsilon=layout.bn_epsilon, bn_axis_name=self.bn_axis_name,
+        kernel_init=init.conv_kernel, bias_init_for_fan_in=init.bias, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+
+    if self.transform_input:
+      scale = jnp.asarray([s / 0.5 for s in _IMAGENET_STD], x.dtype)
+      shift = jnp.asarray([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], x.dtype)
+      x = x * scale + shift
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+
+    aux = {}
+    for row in V.TABLE_1:
+      if isinstance(row, V.Conv):
+        x = conv(row.features, row.kernel, row.stride, name=row.name)(x, train)
+      elif isinstance(row, V.MaxPool):
+        x = layers.max_pool(x, *stage_pool(layout, row.name))
+      elif isinstance(row, V.LRN):
+        if layout.lrn:
+          x = layers.local_response_norm(x)
+      elif isinstance(row, V.Inception):
+        x = InceptionBlock(row, conv, layout.conv_5x5_kernel, name=row.name)(x, train)
+      elif isinstance(row, V.AuxTap) and run_aux:
+        tap = x
+        if initializing and not _aux_input_ok(layout, x.shape[1:3]):
+          # Initialised at a size the aux heads cannot take: build them on a 14x14 map.
+          tap = jnp.zeros((x.shape[0], 14, 14, x.shape[-1]), x.dtype)
+        aux[row.name] = AuxHead(self.num_classes, layout, conv, aux_dropout, init,
+                                self.dtype, self.param_dtype, name=row.name)(
+                                    tap, train, deterministic)
+
+    if layout.head_pool == "avg7":
+      x = layers.avg_pool(x, 7, 1).reshape(x.shape[0], -1)
+    else:
+      x = x.mean(axis=(1, 2))
+    x = nn.Dropout(dropout)(x, deterministic=deterministic)
+    logits = nn.Dense(self.num_classes, kernel_init=init.dense_kernel,
+                      bias_init=init.classifier_bias(x.shape[-1]), dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="classifier")(x)
+    if train and run_aux:
+      return GoogLeNetOutputs(logits, aux["aux_after_4a"], aux["aux_after_4d"])
+    return logits
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+  """Class probabilities from logits (what the Keras model's final Softmax layer returns)."""
+  return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+
+
+def count_params(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
