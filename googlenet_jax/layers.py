@@ -54,13 +54,13 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: Padding = 0,
   """Max pool whose padding never wins (it is -inf), as in PyTorch, Caffe and TF."""
   pads = [pool_padding(n, window, stride, padding, ceil_mode) for n in x.shape[1:3]]
   return lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
       ((0, 0), *pads, (0, 0)))
 
 
 def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
   """Unpadded average pool (the aux heads' 5x5/3, the paper's 7x7/1 head)."""
-  summed = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1, window, window, 1),
+  summed = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1),
                              (1, stride, stride, 1), "VALID")
   return summed / (window * window)
 
@@ -86,7 +86,7 @@ def local_response_norm(x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: 
                         k: float = 1.0) -> jax.Array:
   """Cross-channel LRN as Caffe (and torch.nn.LocalResponseNorm) define it: alpha is divided
   by `size` (TF's local_response_normalization does not)."""
-  summed = lax.reduce_window(x * x, jnp.array(0, x.dtype), lax.add, (1, 1, 1, size),
+  summed = lax.reduce_window(x * x, 0.0, lax.add, (1, 1, 1, size),
                              (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (size // 2, (size - 1) // 2)))
   return x / (k + (alpha / size) * summed) ** beta
 

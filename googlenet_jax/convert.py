@@ -1,0 +1,349 @@
+"""Weight exchange with PyTorch (classic, torchvision, d2l state_dicts) and Keras (keras layout).
+
+The name mapping is derived from the same Table 1 the network is built from, so the two cannot
+drift apart. Tensor layouts: conv OIHW <-> HWIO, linear (out, in) <-> (in, out), and the aux
+heads' fc1, whose 2048 inputs PyTorch flattens in (c, h, w) order and this NHWC model in (h, w, c).
+
+Command line (a state_dict file to an Orbax checkpoint and back) lives in `googlenet_jax.cli`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from googlenet_jax import models
+from googlenet_jax import variants as V
+
+# Flax conv-unit names inside an Inception block -> PyTorch names, per state_dict style.
+_BRANCHES = {
+    "module": {"conv_1x1": "branch1", "conv_3x3_reduce": "branch2.0", "conv_3x3": "branch2.1",
+               "conv_5x5_reduce": "branch3.0", "conv_5x5": "branch3.1", "pool_proj": "branch4.1"},
+    "sequential": {"conv_1x1": "p1_1", "conv_3x3_reduce": "p2_1", "conv_3x3": "p2_2",
+                   "conv_5x5_reduce": "p3_1", "conv_5x5": "p3_2", "pool_proj": "p4_2"},
+}
+# d2l's nn.Sequential(b1, b2, b3, b4, b5, Linear): the stem's positions inside b1/b2 (ReLUs count).
+_D2L_STEM = {"conv1": "0.0", "conv2": "1.0", "conv3": "1.2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  collection: str  # "params" or "batch_stats"
+  path: tuple[str, ...]  # Flax path inside the collection
+  key: str  # PyTorch state_dict key
+  to_flax: Callable[[np.ndarray], np.ndarray]
+  to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _conv_to_flax(w):
+  return w.transpose(2, 3, 1, 0)
+
+
+def _conv_to_torch(w):
+  return w.transpose(3, 2, 0, 1)
+
+
+def _identity(w):
+  return w
+
+
+def _fc1_to_flax(w):
+  out, n = w.shape
+  c = V.AUX_CONV_FEATURES
+  side = int(round((n // c) ** 0.5))
+  return w.T.reshape(c, side, side, out).transpose(1, 2, 0, 3).reshape(n, out)
+
+
+def _fc1_to_torch(w):
+  n, out = w.shape
+  c = V.AUX_CONV_FEATURES
+  side = int(round((n // c) ** 0.5))
+  return w.reshape(side, side, c, out).transpose(2, 0, 1, 3).reshape(n, out).T
+
+
+def _torch_modules(layout: V.Layout, aux: bool) -> Iterator[tuple[tuple[str, ...], str, str]]:
+  """(Flax module path, PyTorch prefix, kind) for every layer with weights, kind being
+  "conv_unit", "dense" or "aux_fc1"."""
+  style = layout.torch_names
+  if style is None:
+    raise ValueError(f"the {layout.name!r} layout has no PyTorch state_dict naming; PyTorch "
+                     "conversion exists for 'classic', 'torchvision' and 'd2l'")
+  for row in V.TABLE_1:
+    if isinstance(row, V.Conv):
+      yield (row.name,), row.name if style == "module" else _D2L_STEM[row.name], "conv_unit"
+    elif isinstance(row, V.Inception):
+      stage, block = row.name[-2], row.name[-1]
+      prefix = (f"inception{stage}{block}" if style == "module"
+                else f"{int(stage) - 1}.{ord(block) - ord('a')}")
+      for flax_name, torch_name in _BRANCHES[style].items():
+        yield (row.name, flax_name), f"{prefix}.{torch_name}", "conv_unit"
+    elif isinstance(row, V.AuxTap) and aux:
+      prefix = f"aux{V.AUX_TAPS.index(row.name) + 1}"
+      yield (row.name, "conv"), f"{prefix}.conv", "conv_unit"
+      yield (row.name, "fc1"), f"{prefix}.fc1", "aux_fc1"
+      yield (row.name, "fc2"), f"{prefix}.fc2", "dense"
+  yield ("classifier",), "fc" if style == "module" else "5", "dense"
+
+
+def _entries(layout: V.Layout, aux: bool) -> list[_Entry]:
+  out = []
+  for path, prefix, kind in _torch_modules(layout, aux):
+    if kind == "conv_unit":
+      conv = f"{prefix}.conv" if layout.torch_names == "module" else prefix
+      out.append(_Entry("params", path + ("conv", "kernel"), f"{conv}.weight", _conv_to_flax,
+                        _conv_to_torch))
+      if layout.conv_bias:
+        out.append(_Entry("params", path + ("conv", "bias"), f"{conv}.bias", _identity,
+                          _identity))
+      if layout.batch_norm:
+        for coll, name, torch_name in (("params", "scale", "weight"), ("params", "bias", "bias"),
+                                       ("batch_stats", "mean", "running_mean"),
+                                       ("batch_stats", "var", "running_var")):
+          out.append(_Entry(coll, path + ("bn", name), f"{prefix}.bn.{torch_name}", _identity,
+                            _identity))
+    else:
+      to_flax, to_torch = ((_fc1_to_flax, _fc1_to_torch) if kind == "aux_fc1"
+                           else (np.transpose, np.transpose))
+      out.append(_Entry("params", path + ("kernel",), f"{prefix}.weight", to_flax, to_torch))
+      out.append(_Entry("params", path + ("bias",), f"{prefix}.bias", _identity, _identity))
+  return out
+
+
+def _expected_shapes(variant: str, num_classes: int, aux: bool) -> dict:
+  layout = V.get_layout(variant)
+  model = models.GoogLeNet(variant=variant, num_classes=num_classes, aux_logits=aux)
+  size = layout.default_size
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, layout.in_channels), jnp.float32))
+  return {(coll,) + path: tuple(leaf.shape)
+          for coll, tree in shapes.items()
+          for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def _classifier_key(layout: V.Layout) -> str:
+  return "fc.weight" if layout.torch_names == "module" else "5.weight"
+
+
+def _mismatch_report(state_dict: Mapping[str, Any], variant: str, num_classes: int,
+                     aux: bool) -> tuple[list[str], list[str], list[str]]:
+  layout = V.get_layout(variant)
+  expected = _expected_shapes(variant, num_classes, aux)
+  entries = _entries(layout, aux)
+  known = {e.key for e in entries}
+  if layout.batch_norm:
+    known |= {e.key.replace("running_mean", "num_batches_tracked")
+              for e in entries if e.key.endswith("running_mean")}
+  missing = [e.key for e in entries if e.key not in state_dict]
+  unexpected = [k for k in state_dict if k not in known]
+  misshaped = []
+  for e in entries:
+    if e.key in state_dict:
+      value = _to_numpy(state_dict[e.key])
+      want = expected[(e.collection,) + e.path]
+      try:
+        got = e.to_flax(value).shape
+      except ValueError:
+        got = None
+      if got != want:
+        misshaped.append(f"{e.key}: got {tuple(value.shape)}, expected "
+                         f"{tuple(e.to_torch(np.zeros(want)).shape)}")
+  return missing, unexpected, misshaped
+
+
+def _looks_like(state_dict: Mapping[str, Any], variant: str) -> Optional[str]:
+  """The other layout whose naming and shapes fit this state_dict, if any."""
+  for other, layout in V.LAYOUTS.items():
+    if other == variant or layout.torch_names is None:
+      continue
+    key = _classifier_key(layout)
+    if key not in state_dict:
+      continue
+    n = int(_to_numpy(state_dict[key]).shape[0])
+    aux = any(k.startswith("aux") for k in state_dict)
+    if aux and not layout.aux_logits:
+      continue
+    if not any(_mismatch_report(state_dict, other, n, aux)):
+      return other
+  return None
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], variant: str = "classic", *,
+                  num_classes: Optional[int] = None, aux_logits: Optional[bool] = None) -> dict:
+  """A PyTorch state_dict (tensors or arrays) -> Flax variables for `GoogLeNet(variant=...)`.
+
+  `num_classes` and `aux_logits` default to what the state_dict holds. Returns
+  `{"params": ...}`, plus `"batch_stats"` for the BatchNorm (torchvision) layout. Dtypes are
+  kept (a double model gives float64 arrays where x64 is on). Raises one ValueError listing every
+  missing, unexpected and wrongly shaped key.
+  """
+  layout = V.get_layout(variant)
+  if layout.torch_names is None:
+    list(_torch_modules(layout, False))  # raises the explanation
+  if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+    state_dict = state_dict.state_dict()
+  if aux_logits is None:
+    aux_logits = any(k.startswith("aux") for k in state_dict)
+  if num_classes is None:
+    key = _classifier_key(layout)
+    num_classes = int(_to_numpy(state_dict[key]).shape[0]) if key in state_dict else 1000
+  missing, unexpected, misshaped = _mismatch_report(state_dict, variant, num_classes, aux_logits)
+  if missing or unexpected or misshaped:
+    lines = [f"state_dict does not fit GoogLeNet(variant={variant!r}, num_classes={num_classes}, "
+             f"aux_logits={aux_logits}):"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("wrongly shaped", misshaped)):
+      if items:
+        lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+    other = _looks_like(state_dict, variant)
+    if other:
+      lines.append(f"  it looks like a {other!r} checkpoint: try variant={other!r}")
+    raise ValueError("\n".join(lines))
+  flat = {(e.collection,) + e.path: jnp.asarray(e.to_flax(_to_numpy(state_dict[e.key])))
+          for e in _entries(layout, aux_logits)}
+  return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(variables: Mapping[str, Any], variant: str = "classic", *,
+                  as_numpy: bool = False) -> "collections.OrderedDict[str, Any]":
+  """Flax variables -> a PyTorch state_dict (`load_state_dict(strict=True)` ready).
+
+  `variables` is `{"params": ..., "batch_stats": ...}`, or a bare tree shaped like `params`
+  (gradients, say), in which case only parameter keys are produced.
+  """
+  layout = V.get_layout(variant)
+  if "params" not in variables:
+    variables = {"params": variables}
+  params = variables["params"]
+  aux = V.AUX_TAPS[0] in params
+  flat = {(coll,) + path: leaf for coll, tree in variables.items() if coll in
+          ("params", "batch_stats") for path, leaf in traverse_util.flatten_dict(tree).items()}
+  out = collections.OrderedDict()
+  missing = []
+  for e in _entries(layout, aux):
+    leaf = flat.get((e.collection,) + e.path)
+    if leaf is None:
+      if e.collection == "params" or "batch_stats" in variables:
+        missing.append("/".join((e.collection,) + e.path))
+      continue
+    out[e.key] = e.to_torch(np.asarray(jax.device_get(leaf)))
+    if e.key.endswith("running_var"):
+      out[e.key.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
+  if missing:
+    raise ValueError(f"variables do not fit the {variant!r} layout; missing ({len(missing)}): "
+                     + ", ".join(missing))
+  if as_numpy:
+    return out
+  import torch  # pylint: disable=import-outside-toplevel
+  return collections.OrderedDict((k, torch.from_numpy(np.array(v)))
+                                 for k, v in out.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Keras (seed 000's TF2 layout, Keras 3).
+
+# Layer names of the Keras model -> Flax module paths. Inception layers hold six Conv2D layers
+# (branch1; branch2 1x1, 3x3; branch3 1x1, 5x5; branch4 1x1 after the pool), aux layers three.
+_KERAS_STEM = {"conv2d_1": "conv1", "conv2d_2": "conv2", "conv2d_3": "conv3"}
+_INCEPTION_ORDER = ("conv_1x1", "conv_3x3_reduce", "conv_3x3", "conv_5x5_reduce", "conv_5x5",
+                    "pool_proj")
+_AUX_ORDER = (("conv", "conv"), ("fc1",), ("fc2",))
+
+
+def _keras_targets(aux: bool) -> Iterator[tuple[str, list[tuple[str, ...]]]]:
+  """(Keras layer name, [Flax path of each (kernel, bias) pair in the layer's weight order])."""
+  for row in V.TABLE_1:
+    if isinstance(row, V.Conv):
+      yield {v: k for k, v in _KERAS_STEM.items()}[row.name], [(row.name, "conv")]
+    elif isinstance(row, V.Inception):
+      yield row.name, [(row.name, b, "conv") for b in _INCEPTION_ORDER]
+    elif isinstance(row, V.AuxTap) and aux:
+      keras_name = f"aux_{V.AUX_TAPS.index(row.name) + 1}"
+      yield keras_name, [(row.name,) + p for p in _AUX_ORDER]
+  yield "output_dense", [("classifier",)]
+
+
+def keras_to_flax(model: Any, *, num_classes: Optional[int] = None,
+                  aux_logits: Optional[bool] = None) -> dict:
+  """A Keras model of the keras layout (seed 000's layer names) -> Flax variables.
+
+  `model` is a built Keras model, or the path of its `.weights.h5` file (read with h5py, in the
+  order Keras 3 saves each layer's variables).
+  """
+  if isinstance(model, str) or hasattr(model, "__fspath__"):
+    layer_weights = _read_keras_h5(model)
+  else:
+    layer_weights = {}
+    for layer in model.layers:
+      if layer.weights:
+        layer_weights[layer.name] = [np.asarray(w.numpy()) for w in layer.weights]
+  if aux_logits is None:
+    aux_logits = "aux_1" in layer_weights
+  if num_classes is None:
+    num_classes = int(layer_weights["output_dense"][0].shape[-1]) \
+        if "output_dense" in layer_weights else 1000
+  expected = _expected_shapes("keras", num_classes, aux_logits)
+  flat, problems = {}, []
+  targets = list(_keras_targets(aux_logits))
+  names = {name for name, _ in targets}
+  problems += [f"unexpected layer {n!r}" for n in layer_weights if n not in names]
+  for name, paths in targets:
+    weights = layer_weights.get(name)
+    if weights is None:
+      problems.append(f"missing layer {name!r}")
+      continue
+    if len(weights) != 2 * len(paths):
+      problems.append(f"layer {name!r}: {len(weights)} variables, expected {2 * len(paths)}")
+      continue
+    for i, path in enumerate(paths):
+      for leaf, value in zip(("kernel", "bias"), weights[2 * i: 2 * i + 2]):
+        want = expected[("params",) + path + (leaf,)]
+        if tuple(value.shape) != want:
+          problems.append(f"{name} {'/'.join(path)}/{leaf}: got {value.shape}, expected {want}")
+        flat[("params",) + path + (leaf,)] = jnp.asarray(value)
+  if problems:
+    raise ValueError("Keras weights do not fit GoogLeNet(variant='keras', "
+                     f"num_classes={num_classes}, aux_logits={aux_logits}):\n  "
+                     + "\n  ".join(problems))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _read_keras_h5(path) -> dict[str, list[np.ndarray]]:
+  """Each top-level layer's variables from a Keras 3 `.weights.h5`, in saving order."""
+  import h5py  # pylint: disable=import-outside-toplevel
+
+  def collect(group) -> list[np.ndarray]:
+    # Keras 3 stores a layer's own variables under "vars" (named "0", "1", ...) and those of the
+    # layers it tracks under "layers/<name>", in the order it tracked them.
+    out = []
+    if "vars" in group:
+      out += [np.asarray(group["vars"][k]) for k in sorted(group["vars"], key=int)]
+    if "layers" in group:
+      for name in _creation_order(group["layers"]):
+        out += collect(group["layers"][name])
+    return out
+
+  with h5py.File(path, "r") as f:
+    root = f["layers"]
+    return {name: w for name in root for w in [collect(root[name])] if w}
+
+
+def _creation_order(group) -> list[str]:
+  """Keras names sibling layers `conv2d`, `conv2d_1`, ... in creation order, and h5 lists them
+  alphabetically; sort by (base name, counter) which is what tracking order means for the
+  seed's layers. Sequential sublayers come in order of their position."""
+  def key(name: str):
+    base, _, n = name.rpartition("_")
+    return (base, int(n)) if n.isdigit() else (name, -1)
+  return sorted(group, key=key)
