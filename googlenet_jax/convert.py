@@ -319,31 +319,41 @@ def keras_to_flax(model: Any, *, num_classes: Optional[int] = None,
   return traverse_util.unflatten_dict(flat)
 
 
+def _natural_key(name: str):
+  base, _, n = name.rpartition("_")
+  return (base, int(n)) if n.isdigit() else (name, -1)
+
+
 def _read_keras_h5(path) -> dict[str, list[np.ndarray]]:
-  """Each top-level layer's variables from a Keras 3 `.weights.h5`, in saving order."""
+  """Each top-level layer's variables from a Keras 3 `.weights.h5`, in saving order.
+
+  Keras 3 names the groups by class (`conv2d`, `conv2d_1`, `inception`, ...), not by layer name,
+  so the layers are recognised by structure: 2-variable groups with a 4-D kernel are the stem
+  convolutions, 12-variable groups the Inception blocks, 6-variable groups the aux heads and the
+  one with a 2-D kernel the classifier, each kind in creation order.
+  """
   import h5py  # pylint: disable=import-outside-toplevel
 
   def collect(group) -> list[np.ndarray]:
-    # Keras 3 stores a layer's own variables under "vars" (named "0", "1", ...) and those of the
-    # layers it tracks under "layers/<name>", in the order it tracked them.
-    out = []
-    if "vars" in group:
-      out += [np.asarray(group["vars"][k]) for k in sorted(group["vars"], key=int)]
-    if "layers" in group:
-      for name in _creation_order(group["layers"]):
-        out += collect(group["layers"][name])
+    # A layer's own variables are under "vars" ("0", "1", ...); the layers it tracks are
+    # subgroups named by attribute (or under "layers" for a Sequential), in creation order.
+    out = [np.asarray(group["vars"][k]) for k in sorted(group.get("vars", {}), key=int)]
+    for name in sorted((n for n in group if n != "vars"), key=_natural_key):
+      out += collect(group[name])
     return out
 
   with h5py.File(path, "r") as f:
-    root = f["layers"]
-    return {name: w for name in root for w in [collect(root[name])] if w}
-
-
-def _creation_order(group) -> list[str]:
-  """Keras names sibling layers `conv2d`, `conv2d_1`, ... in creation order, and h5 lists them
-  alphabetically; sort by (base name, counter) which is what tracking order means for the
-  seed's layers. Sequential sublayers come in order of their position."""
-  def key(name: str):
-    base, _, n = name.rpartition("_")
-    return (base, int(n)) if n.isdigit() else (name, -1)
-  return sorted(group, key=key)
+    groups = [w for name in sorted(f["layers"], key=_natural_key)
+              for w in [collect(f["layers"][name])] if w]
+  stem = [w for w in groups if len(w) == 2 and w[0].ndim == 4]
+  dense = [w for w in groups if len(w) == 2 and w[0].ndim == 2]
+  blocks = [w for w in groups if len(w) == 12]
+  aux = [w for w in groups if len(w) == 6]
+  named = dict(zip(_KERAS_STEM, stem))
+  named.update(zip((r.name for r in V.TABLE_1 if isinstance(r, V.Inception)), blocks))
+  named.update(zip(("aux_1", "aux_2"), aux))
+  named.update(zip(("output_dense",), dense))
+  if len(named) != len(groups):
+    raise ValueError(f"{path}: {len(groups)} layers with weights, of which only {len(named)} "
+                     "fit the keras layout")
+  return named

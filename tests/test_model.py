@@ -1,0 +1,178 @@
+"""The network's API: parameter counts, modes, dtypes, input checks and pooling semantics."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from googlenet_jax import GoogLeNet, GoogLeNetOutputs, TABLE_1, count_params, layers
+from googlenet_jax.convert import flax_to_torch, torch_to_flax
+from googlenet_jax.variants import Inception
+from helpers import nchw_to_nhwc, rel_err
+
+
+def param_shapes(variant, size=224, channels=3, **kw):
+  model = GoogLeNet(variant=variant, **kw)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, channels)))
+
+
+@pytest.mark.parametrize("variant,aux,expected", [
+    ("torchvision", None, 13_004_888), ("torchvision", False, 6_624_904),
+    ("classic", None, 13_378_280), ("classic", False, 6_998_552),
+    ("paper", False, 6_998_552), ("keras", None, 13_378_280)])
+def test_parameter_counts_match_the_reference(variant, aux, expected):
+  assert count_params(param_shapes(variant, aux_logits=aux)["params"]) == expected
+
+
+def test_table_1_output_channels():
+  blocks = [r for r in TABLE_1 if isinstance(r, Inception)]
+  assert [b.out_channels for b in blocks] == [256, 480, 512, 512, 512, 528, 832, 832, 1024]
+
+
+def test_init_creates_aux_heads_in_eval_mode_and_at_any_size():
+  shapes = param_shapes("classic", size=96)  # the aux heads could not run at 96x96
+  assert {"aux_after_4a", "aux_after_4d"} <= set(shapes["params"])
+  assert shapes["params"]["aux_after_4a"]["fc1"]["kernel"].shape == (2048, 1024)
+
+
+MODEL = GoogLeNet(variant="torchvision", num_classes=7)
+X = jnp.asarray(np.random.RandomState(0).rand(2, 64, 64, 3), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _variables():
+  return jax.jit(MODEL.init)(jax.random.key(0), X)
+
+
+@pytest.fixture(scope="module")
+def variables():
+  return _variables()
+
+
+class EvalModeTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_eval_returns_logits(self):
+    variables = _variables()
+    logits = self.variant(lambda v, x: MODEL.apply(v, x))(variables, X)
+    chex.assert_shape(logits, (2, 7))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+
+
+@jax.jit
+def _train_apply(variables, x, seed, deterministic=False):
+  return MODEL.apply(variables, x, train=True, deterministic=deterministic,
+                     mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)})
+
+
+def test_train_returns_three_outputs_and_updates_batch_stats(variables):
+  out, updates = _train_apply(variables, X, 1)
+  assert isinstance(out, GoogLeNetOutputs)
+  chex.assert_shape([out.logits, out.aux1, out.aux2], (2, 7))
+  assert not np.allclose(updates["batch_stats"]["conv1"]["bn"]["mean"],
+                         variables["batch_stats"]["conv1"]["bn"]["mean"])
+
+
+def test_deterministic_switches_dropout(variables):
+  det = jax.jit(lambda v, x, s: MODEL.apply(v, x, train=True, deterministic=True,
+                                            mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.key(s)})[0].logits)
+  np.testing.assert_array_equal(det(variables, X, 0), det(variables, X, 1))
+  assert not np.allclose(_train_apply(variables, X, 0)[0].logits,
+                         _train_apply(variables, X, 1)[0].logits)
+
+
+def test_bfloat16_compute_keeps_float32_params(variables):
+  model = GoogLeNet(variant="torchvision", num_classes=7, dtype=jnp.bfloat16)
+  logits = jax.jit(model.apply)(variables, X)
+  assert logits.dtype == jnp.bfloat16
+  fresh = jax.eval_shape(model.init, jax.random.key(0), X)
+  assert {p.dtype for p in jax.tree.leaves(fresh["params"])} == {jnp.dtype(jnp.float32)}
+  ref = jax.jit(MODEL.apply)(variables, X)
+  assert rel_err(logits.astype(jnp.float32), ref) < 5e-2
+
+
+@pytest.mark.parametrize("x,match", [
+    (np.zeros((224, 224, 3), np.float32), "rank 4"),
+    (np.zeros((1, 224, 224, 1), np.float32), "3 input channel"),
+    (np.zeros((1, 224, 224, 3), np.uint8), "floating-point"),
+    (np.zeros((1, 16, 16, 3), np.float32), "too small"),
+])
+def test_bad_input_is_a_clear_value_error(x, match):
+  model = GoogLeNet(variant="classic", num_classes=5)
+  variables = param_shapes("classic", num_classes=5)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(model.apply)(variables, x)
+
+
+def test_aux_heads_at_a_size_they_cannot_take_say_which_sizes_fit():
+  model = GoogLeNet(variant="classic", num_classes=5)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           param_shapes("classic", num_classes=5))
+  with pytest.raises(ValueError, match="aux_after_4a.*Square inputs that fit"):
+    jax.jit(lambda v, x: model.apply(v, x, train=True))(variables, jnp.zeros((1, 160, 160, 3)))
+  # eval mode has no aux heads: fine
+  jax.jit(model.apply)(variables, jnp.zeros((1, 160, 160, 3)))
+
+
+@pytest.mark.parametrize("size", [7, 8, 112, 113, 28, 14])
+@pytest.mark.parametrize("window", [2, 3])
+def test_ceil_mode_max_pool_matches_pytorch(size, window):
+  x = np.random.RandomState(size).randn(2, 3, size, size).astype(np.float32)
+  ref = torch.nn.functional.max_pool2d(torch.from_numpy(x), window, 2, ceil_mode=True).numpy()
+  got = layers.max_pool(jnp.asarray(nchw_to_nhwc(x)), window, 2, ceil_mode=True)
+  np.testing.assert_array_equal(got, nchw_to_nhwc(ref))
+
+
+@pytest.mark.parametrize("size,out", [(14, 4), (10, 4), (7, 4), (13, 3), (5, 1)])
+def test_adaptive_average_pool_matches_pytorch(size, out):
+  x = np.random.RandomState(size).randn(2, 5, size, size).astype(np.float32)
+  ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x), out).numpy()
+  got = layers.adaptive_avg_pool(jnp.asarray(nchw_to_nhwc(x)), out)
+  assert rel_err(got, nchw_to_nhwc(ref)) < 1e-6
+
+
+def test_lrn_matches_pytorch_local_response_norm():
+  x = np.random.RandomState(0).randn(2, 16, 9, 9).astype(np.float32) * 30
+  ref = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)(torch.from_numpy(x)).numpy()
+  got = layers.local_response_norm(jnp.asarray(nchw_to_nhwc(x)))
+  assert rel_err(got, nchw_to_nhwc(ref)) < 1e-6
+
+
+def test_paper_layout_runs_with_lrn_and_7x7_head():
+  model = GoogLeNet(variant="paper", num_classes=3)
+  x = jnp.ones((1, 224, 224, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  assert jax.jit(model.apply)(variables, x).shape == (1, 3)
+  # Caffe's initialisation: biases 0.2, classifier bias 0.
+  assert np.all(variables["params"]["conv1"]["conv"]["bias"] == 0.2)
+  assert np.all(variables["params"]["classifier"]["bias"] == 0.0)
+
+
+def test_converter_lists_every_bad_key_at_once():
+  sd = flax_to_torch(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                  param_shapes("classic", num_classes=10)), "classic",
+                     as_numpy=True)
+  del sd["conv1.conv.weight"], sd["inception4b.branch3.1.conv.bias"]
+  sd["surprise.weight"] = np.zeros(3)
+  sd["inception3a.branch1.conv.weight"] = np.zeros((64, 192, 3, 3), np.float32)
+  with pytest.raises(ValueError) as err:
+    torch_to_flax(sd, "classic")
+  msg = str(err.value)
+  for key in ("conv1.conv.weight", "inception4b.branch3.1.conv.bias", "surprise.weight",
+              "inception3a.branch1.conv.weight: got (64, 192, 3, 3)"):
+    assert key in msg
+
+
+def test_converter_names_the_variant_a_checkpoint_looks_like():
+  sd = flax_to_torch(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                  param_shapes("torchvision", num_classes=10)), "torchvision",
+                     as_numpy=True)
+  with pytest.raises(ValueError, match="looks like a 'torchvision' checkpoint"):
+    torch_to_flax(sd, "classic")
