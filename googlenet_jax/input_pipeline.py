@@ -1,0 +1,369 @@
+"""Input pipeline: TFDS / folders / the bundled digits -> per-process batches as numpy arrays.
+
+Two kinds of source:
+- random access (the bundled digits, a folder of class subfolders): every global batch is a
+  pure function of (seed, step), so each process takes its slice of the same global batch
+  whatever the process count, and a resumed run continues exactly where it stopped;
+- streamed (TFDS datasets by name, tfrecord shards): each process reads its own files
+  (`tfds.split_for_jax_process`), so the data order depends on the process count; a resumed run
+  skips the batches it already consumed.
+Augmentation uses stateless random ops seeded by (seed, position in the run): deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# TensorFlow only feeds the input pipeline: it must never take an accelerator from JAX.
+tf.config.set_visible_devices([], "GPU")
+tfds.display_progress_bar(False)
+tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+MEANS = {"imagenet": (0.485, 0.456, 0.406), "half": (0.5, 0.5, 0.5), "unit": (0.0, 0.0, 0.0)}
+STDS = {"imagenet": (0.229, 0.224, 0.225), "half": (0.5, 0.5, 0.5), "unit": (1.0, 1.0, 1.0)}
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be found, read or prepared; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class Split:
+  """A random-access split: in-memory images (uint8, NHWC) or image file paths, and labels."""
+  labels: np.ndarray
+  images: Optional[np.ndarray] = None
+  paths: Optional[list[str]] = None
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass
+class Source:
+  name: str
+  class_names: list[str]
+  splits: dict[str, Split] = dataclasses.field(default_factory=dict)  # random access
+  builder: Any = None  # a TFDS builder (streamed)
+  train_split: str = "train"
+  eval_split: str = "test"
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def num_examples(self, split: str) -> int:
+    if split in self.splits:
+      return len(self.splits[split])
+    return self.builder.info.splits[split].num_examples
+
+
+# --------------------------------------------------------------------------------------------
+# Sources.
+
+
+def open_source(config) -> Source:
+  """The dataset named by `config.dataset`: "sklearn_digits", "folder:/path" or a TFDS name."""
+  name = config.dataset
+  if name == "sklearn_digits":
+    return _digits_source(config)
+  if name.startswith("folder:"):
+    return _folder_source(name[len("folder:"):], config)
+  return _tfds_source(name, config)
+
+
+def _digits_source(config) -> Source:
+  from googlenet_jax import digits  # pylint: disable=import-outside-toplevel
+  builder = digits.SklearnDigits(data_dir=config.get("data_dir") or None)
+  builder.download_and_prepare()
+  splits = {}
+  for split in ("train", "test"):
+    ds = builder.as_dataset(split=split, batch_size=-1)  # 1,797 examples: read it all
+    arrays = tfds.as_numpy(ds)
+    splits[split] = Split(labels=arrays["label"].astype(np.int64), images=arrays["image"])
+  return Source("sklearn_digits", builder.info.features["label"].names, splits,
+                train_split="train", eval_split="test")
+
+
+def _list_images(root: str) -> tuple[list[str], list[int], list[str]]:
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not classes:
+    raise DatasetError(f"{root}: no class subfolders (expected {root}/<class>/<image>)")
+  paths, labels = [], []
+  for label, cls in enumerate(classes):
+    files = sorted(f for f in os.listdir(os.path.join(root, cls))
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise DatasetError(f"{os.path.join(root, cls)}: class folder {cls!r} has no images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    paths += [os.path.join(root, cls, f) for f in files]
+    labels += [label] * len(files)
+  return paths, labels, classes
+
+
+def _readable(paths: list[str]) -> list[bool]:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  ok = []
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        im.verify()
+      ok.append(True)
+    except Exception:  # pylint: disable=broad-except
+      ok.append(False)
+  return ok
+
+
+def _folder_split(paths, labels, what: str) -> Split:
+  ok = _readable(paths)
+  bad = [p for p, good in zip(paths, ok) if not good]
+  if bad:
+    logging.warning("skipping %d unreadable image file(s) in %s: %s", len(bad), what,
+                    ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
+  keep = [i for i, good in enumerate(ok) if good]
+  if not keep:
+    raise DatasetError(f"{what}: no readable images")
+  return Split(labels=np.asarray(labels, np.int64)[keep], paths=[paths[i] for i in keep])
+
+
+def _folder_source(root: str, config) -> Source:
+  """`root/train/<class>/*` and `root/val/<class>/*`, or `root/<class>/*` split by
+  `config.val_fraction` (a fixed, seeded split)."""
+  if not os.path.isdir(root):
+    raise DatasetError(f"dataset folder {root!r} does not exist")
+  if os.path.isdir(os.path.join(root, "train")):
+    paths, labels, classes = _list_images(os.path.join(root, "train"))
+    splits = {"train": _folder_split(paths, labels, os.path.join(root, "train"))}
+    for val in ("val", "validation", "test"):
+      if os.path.isdir(os.path.join(root, val)):
+        vpaths, vlabels, vclasses = _list_images(os.path.join(root, val))
+        if vclasses != classes:
+          raise DatasetError(f"{root}: classes of {val}/ {vclasses} differ from train/ {classes}")
+        splits["val"] = _folder_split(vpaths, vlabels, os.path.join(root, val))
+        break
+    else:
+      raise DatasetError(f"{root}: has train/ but no val/ (or validation/, test/) folder")
+  else:
+    paths, labels, classes = _list_images(root)
+    fraction = config.get("val_fraction", 0.1)
+    if not 0 < fraction < 1:
+      raise DatasetError(f"val_fraction must be in (0, 1) for a folder without train/ and val/, "
+                         f"got {fraction}")
+    order = np.random.RandomState(0).permutation(len(paths))
+    n_val = max(1, int(round(len(paths) * fraction)))
+    pick = lambda idx: ([paths[i] for i in idx], [labels[i] for i in idx])
+    splits = {"val": _folder_split(*pick(sorted(order[:n_val])), f"{root} (val)"),
+              "train": _folder_split(*pick(sorted(order[n_val:])), f"{root} (train)")}
+  return Source(f"folder:{root}", classes, splits, train_split="train", eval_split="val")
+
+
+def _tfds_source(name: str, config) -> Source:
+  try:
+    builder = tfds.builder(name, data_dir=config.get("data_dir") or None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetError(f"unknown dataset {name!r}: expected 'sklearn_digits', 'folder:/path' or "
+                       f"a TFDS name ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              manual_dir=config.get("manual_dir") or None))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DatasetError(
+          f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and could not be "
+          f"downloaded or built ({e.__class__.__name__}: {str(e).splitlines()[0][:300]}).\n"
+          f"Prepare it on a machine with the data: `tfds build {name} --data_dir DIR "
+          f"[--manual_dir DIR_WITH_ARCHIVES]` (ImageNet needs its archives in the manual dir), "
+          f"then pass --config.data_dir=DIR.") from None
+  splits = builder.info.splits
+  train = "train"
+  evals = [s for s in ("validation", "test") if s in splits]
+  if not evals:
+    raise DatasetError(f"TFDS dataset {name!r} has no validation or test split: {list(splits)}")
+  names = builder.info.features["label"].names
+  return Source(name, list(names), builder=builder, train_split=train, eval_split=evals[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (TensorFlow ops, so that it runs in tf.data's threads).
+
+
+def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config) -> tf.Tensor:
+  """uint8 HWC image -> float32 (size, size, channels), normalised as `config.normalize` says."""
+  size = config.image_size
+  channels = config.get("channels", 3)
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  if image.shape[-1] == 1 and channels == 3:
+    image = tf.image.grayscale_to_rgb(image)
+  elif image.shape[-1] == 3 and channels == 1:
+    image = tf.image.rgb_to_grayscale(image)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  augment = config.get("augment", "none") if train else "none"
+  if augment in ("inception_crop", "inception_crop_photometric"):
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
+        area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
+        aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, crop)
+    image = tf.image.resize(image, (size, size), antialias=True)
+  elif train or config.get("eval_crop_fraction", 1.0) >= 1.0:
+    image = tf.image.resize(image, (size, size), antialias=True)
+  else:  # eval: resize the shorter side to size / fraction, then take the central crop
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / config.eval_crop_fraction / tf.reduce_min(shape)
+    image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32), antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
+  if augment != "none" and config.get("random_flip", True):
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+  if augment == "inception_crop_photometric":
+    image = tf.image.stateless_random_brightness(image, 32 / 255, seeds[2])
+    image = tf.image.stateless_random_contrast(image, 0.5, 1.5, seeds[3])
+    image = tf.clip_by_value(image, 0.0, 1.0)
+  norm = config.get("normalize", "imagenet")
+  mean = tf.constant(MEANS[norm][:channels], tf.float32)
+  std = tf.constant(STDS[norm][:channels], tf.float32)
+  image = (image - mean) / std
+  image.set_shape((size, size, channels))
+  return image
+
+
+def _load(split: Split, index: tf.Tensor) -> tf.Tensor:
+  if split.images is not None:
+    return tf.gather(tf.constant(split.images), index)
+  path = tf.gather(tf.constant(split.paths), index)
+  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Training batches.
+
+
+def steps_per_epoch(source: Source, config) -> int:
+  return max(1, source.num_examples(source.train_split) // config.batch_size)
+
+
+def train_batches(source: Source, config, start_step: int, num_steps: int,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """This process's part of the global training batches for steps start_step..num_steps-1:
+  dicts of numpy `image` (local_batch, size, size, C) float32 and `label` int32."""
+  local = config.batch_size // process_count
+  if source.builder is not None:
+    return _streamed_train(source, config, start_step, num_steps, process_index, process_count)
+  split = source.splits[source.train_split]
+  n, per_epoch = len(split), steps_per_epoch(source, config)
+  seed = config.seed
+
+  def positions():
+    perm_epoch, perm = -1, None
+    for step in range(start_step, num_steps):
+      epoch = step // per_epoch
+      if epoch != perm_epoch:
+        perm_epoch, perm = epoch, np.random.RandomState([seed, epoch]).permutation(n)
+      offset = (step % per_epoch) * config.batch_size + process_index * local
+      for j in range(local):
+        # (example index, a position that is unique in the run: the augmentation seed)
+        yield perm[offset + j], step * config.batch_size + process_index * local + j
+
+  ds = tf.data.Dataset.from_generator(
+      positions, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
+  labels = tf.constant(split.labels.astype(np.int32))
+
+  def load(index, position):
+    image = preprocess(_load(split, index), tf.stack([tf.cast(seed, tf.int64), position]), True,
+                       config)
+    return {"image": image, "label": tf.gather(labels, index)}
+
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True).prefetch(config.get("prefetch_batches", 2))
+  return iter(tfds.as_numpy(ds))
+
+
+def _streamed_train(source, config, start_step, num_steps, process_index, process_count):
+  local = config.batch_size // process_count
+  split = tfds.split_for_jax_process(source.train_split, process_index=process_index,
+                                     process_count=process_count)
+  read = tfds.ReadConfig(shuffle_seed=config.seed, interleave_cycle_length=4)
+  ds = source.builder.as_dataset(split=split, shuffle_files=True, read_config=read,
+                                 decoders={"image": tfds.decode.SkipDecoding()}
+                                 if _is_encoded(source) else None)
+  ds = ds.repeat().shuffle(config.get("shuffle_buffer", 16 * local), seed=config.seed)
+  ds = ds.enumerate()
+  seed = config.seed
+
+  def load(position, example):
+    image = example["image"]
+    if image.dtype == tf.string:
+      image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    image = preprocess(image, tf.stack([tf.cast(seed, tf.int64), position]), True, config)
+    return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True).skip(start_step).take(num_steps - start_step)
+  return iter(tfds.as_numpy(ds.prefetch(config.get("prefetch_batches", 2))))
+
+
+def _is_encoded(source: Source) -> bool:
+  feature = source.builder.info.features["image"]
+  return getattr(feature, "encoding_format", None) in ("jpeg", "png")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation batches: every example once; the last batch padded and masked.
+
+
+def eval_batches(source: Source, config, split_name: Optional[str] = None,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """Dicts with `image`, `label` and `mask` (1 for real examples, 0 for padding). Every process
+  yields the same number of batches (collectives need it)."""
+  split_name = split_name or source.eval_split
+  batch = config.get("eval_batch_size") or config.batch_size
+  local = batch // process_count
+  if source.builder is None:
+    split = source.splits[split_name]
+    n = len(split)
+    num_batches = math.ceil(n / batch)
+    labels = np.asarray(split.labels, np.int32)
+
+    def positions():
+      for b in range(num_batches):
+        for j in range(local):
+          i = b * batch + process_index * local + j
+          yield (i if i < n else 0), int(i < n)
+
+    ds = tf.data.Dataset.from_generator(
+        positions, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int32)))
+    label_table = tf.constant(labels)
+
+    def load(index, mask):
+      image = preprocess(_load(split, index), tf.constant([0, 0], tf.int64), False, config)
+      return {"image": image, "label": tf.gather(label_table, index), "mask": mask}
+  else:
+    n = source.num_examples(split_name)
+    per_process = math.ceil(n / process_count)
+    num_batches = math.ceil(per_process / local)
+    split = tfds.split_for_jax_process(split_name, process_index=process_index,
+                                       process_count=process_count)
+    ds = source.builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32), 1))
+    def load(image, label, mask):
+      return {"image": preprocess(image, tf.constant([0, 0], tf.int64), False, config),
+              "label": label, "mask": mask}
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    pad = tf.data.Dataset.from_tensors({
+        "image": tf.zeros((config.image_size, config.image_size, config.get("channels", 3))),
+        "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}).repeat()
+    ds = ds.concatenate(pad).take(num_batches * local)
+    ds = ds.batch(local)
+    return iter(tfds.as_numpy(ds.prefetch(2)))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(local)
+  return iter(tfds.as_numpy(ds.prefetch(2)))

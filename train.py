@@ -1,0 +1,63 @@
+"""Train GoogLeNet: python train.py --config configs/default.py --workdir DIR [--config.x=y].
+
+Multi-host: --coordinator_address HOST:PORT --num_processes N --process_id I (or the cluster's
+environment, which jax.distributed.initialize() reads, with --distributed).
+"""
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.", required=True)
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the cluster's "
+                  "environment (SLURM, TPU pods, ...).")
+flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (testing).")
+flags.DEFINE_string("cpu_collectives", None, "CPU collectives for multi-process CPU runs "
+                    "(e.g. gloo).")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  if FLAGS.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  cache = os.environ.get("JAX_CACHE_DIR")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  from googlenet_jax import training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, DatasetError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    if result.get("stopped_early"):
+      print(f"stopped at step {result['step']} by a signal; checkpoint saved in "
+            f"{FLAGS.workdir}/checkpoints; run the same command to resume")
+    else:
+      print(f"final eval at step {result['step']}: top-1 {result.get('top1', float('nan')):.4f}"
+            f" top-5 {result.get('top5', float('nan')):.4f} loss "
+            f"{result.get('loss', float('nan')):.4f} on {int(result.get('count', 0))} examples")
+
+
+if __name__ == "__main__":
+  app.run(main)
