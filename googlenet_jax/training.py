@@ -141,6 +141,18 @@ def _topk_correct(logits, labels, k):
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def _per_device(tree: Any) -> Any:
+  """Mark replicated values as per-device ("varying") so that `jax.grad` gives each device its
+  own gradient (which the step then averages with `lax.pmean`). Without this, JAX's shard_map
+  (and pmap, built on it since 0.8) differentiates a replicated input by summing the
+  cotangents of all devices: an N-times larger gradient."""
+  if hasattr(lax, "pcast"):
+    return lax.pcast(tree, AXIS, to="varying")
+  if hasattr(lax, "pvary"):
+    return lax.pvary(tree, AXIS)
+  return tree  # older JAX: per-device semantics already
+
+
 def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss_weight: float,
                ema_decay: float = 0.0, label_smoothing: float = 0.0):
   """One step on one device's share of the batch; gradients, metrics and BatchNorm statistics
@@ -165,7 +177,8 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
       loss = _cross_entropy(logits, labels, label_smoothing).mean()
     return loss, (logits, mutated.get("batch_stats", {}))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _per_device(state.params))
   grads = lax.pmean(grads, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -201,24 +214,26 @@ class Parallel:
   mesh of all devices, and places batches to match. The state is one replicated array tree in
   both modes (so checkpoints restore on any device count)."""
 
-  def __init__(self, mode: str):
+  def __init__(self, mode: str, devices: Optional[list] = None):
     self.mode = mode
+    self.devices = list(devices) if devices is not None else jax.devices()
     # Auto axes: the same mesh type pmap builds, so states move between the two without copies.
-    self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = jax.sharding.Mesh(np.asarray(self.devices), (AXIS,),
+                                  axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
 
   def compile(self, step: Callable, donate_state: bool = False) -> Callable:
     if self.mode == "pmap":
-      return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=None)
+      return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
+                      devices=self.devices)
     mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
     return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
   def batch(self, local_batch: dict) -> dict:
     """This process's numpy batch -> what the compiled step takes."""
     if self.mode == "pmap":
-      n = jax.local_device_count()
+      n = len([d for d in self.devices if d.process_index == jax.process_index()])
       return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), local_batch)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
