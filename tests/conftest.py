@@ -8,6 +8,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # torch/TF stay on the CPU in tests
 sys.path.insert(0, os.path.dirname(__file__))
 
+# PyTorch (and torchvision's triton import) must load before TensorFlow: the other order
+# crashes the process with a segmentation fault (clashing native libraries).
+import torch  # noqa: E402,F401
+import torchvision  # noqa: E402,F401
+
 import jax  # noqa: E402
 
 # Compiled programs are cached on disk: the suite and the train.py subprocesses it starts
