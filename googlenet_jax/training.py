@@ -433,12 +433,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save_best(done, state, eval_metrics)
       if done % config.checkpoint_every_steps == 0 or done == num_steps:
         ckpt.save(done, state)
-      if preemption.requested and done < num_steps:
+      # Stop at a logging boundary, so that a resumed run logs exactly what an uninterrupted
+      # one would (train metrics are averaged over each logging interval).
+      if preemption.requested and done < num_steps and done % log_every == 0:
         ckpt.save(done, state, force=True)
         stopped = True
         break
   if progress is not None:
     progress.close()
+  if not eval_metrics and not stopped:  # resumed a run that had already finished
+    eval_metrics = evaluate(p_eval, state, source, config, parallel)
   ckpt.close()
   writer.plot(os.path.join(workdir, "training_curves.png"))
   writer.close()
