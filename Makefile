@@ -20,7 +20,7 @@ train: venv
 	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=10 tests
 
 test-all: venv
 	$(PY) -m pytest -q tests

@@ -238,6 +238,13 @@ class Parallel:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
 
+  def for_checkpoint(self, state: Any) -> Any:
+    """Under pmap on several processes the state comes back host-local (replicated over this
+    process's devices only), which Orbax cannot save: make it one global replicated array."""
+    if self.mode == "pmap" and jax.process_count() > 1:
+      return self.replicate(jax.device_get(state))
+    return state
+
   def replicate(self, tree: Any) -> Any:
     def put(x):
       x = np.asarray(x)
@@ -430,13 +437,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.info("step %d: eval loss %.4f top-1 %.4f top-5 %.4f (%d examples)", done,
                        eval_metrics["loss"], eval_metrics["top1"], eval_metrics["top5"],
                        eval_metrics["count"])
-        ckpt.save_best(done, state, eval_metrics)
+        ckpt.save_best(done, parallel.for_checkpoint(state), eval_metrics)
       if done % config.checkpoint_every_steps == 0 or done == num_steps:
-        ckpt.save(done, state)
+        ckpt.save(done, parallel.for_checkpoint(state))
       # Stop at a logging boundary, so that a resumed run logs exactly what an uninterrupted
       # one would (train metrics are averaged over each logging interval).
       if preemption.requested and done < num_steps and done % log_every == 0:
-        ckpt.save(done, state, force=True)
+        ckpt.save(done, parallel.for_checkpoint(state), force=True)
         stopped = True
         break
   if progress is not None:

@@ -79,6 +79,7 @@ def _small_state(config):
   return model, tx, training.create_train_state(model, tx, config, (1, 32, 32, 3))
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_8_devices_restores_on_1_and_continues(tmp_path):
   config = default.get_config()
   config.update(dict(image_size=32, batch_size=8, keep_checkpoints=2, dropout=0.0))

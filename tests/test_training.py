@@ -81,6 +81,7 @@ def test_impossible_config_is_refused_before_work(overrides, match):
     training.validate_config(_config(**overrides), jax.device_count())
 
 
+@pytest.mark.slow
 def test_cross_replica_batchnorm_gradients_match_one_device_in_float64():
   """With BatchNorm on batch statistics, float32 gradients of this net at initialisation are
   ill-conditioned (~5e-3 from float64, in PyTorch too), so 8-device and 1-device float32 runs
