@@ -60,9 +60,12 @@ class Source:
   def num_classes(self) -> int:
     return len(self.class_names)
 
-  def num_examples(self, split: str) -> int:
+  def num_examples(self, split: str) -> Optional[int]:
+    """The split's size; None where TFDS has no metadata for it (mock data)."""
     if split in self.splits:
       return len(self.splits[split])
+    if split not in self.builder.info.splits:
+      return None
     return self.builder.info.splits[split].num_examples
 
 
@@ -183,11 +186,15 @@ def _tfds_source(name: str, config) -> Source:
           f"Prepare it on a machine with the data: `tfds build {name} --data_dir DIR "
           f"[--manual_dir DIR_WITH_ARCHIVES]` (ImageNet needs its archives in the manual dir), "
           f"then pass --config.data_dir=DIR.") from None
-  splits = builder.info.splits
-  train = "train"
-  evals = [s for s in ("validation", "test") if s in splits]
+  available = list(builder.info.splits)
+  train = config.get("train_split") or "train"
+  evals = [config.get("eval_split")] if config.get("eval_split") else [
+      s for s in ("validation", "test") if s in available]
   if not evals:
-    raise DatasetError(f"TFDS dataset {name!r} has no validation or test split: {list(splits)}")
+    if available:
+      raise DatasetError(f"TFDS dataset {name!r} has no validation or test split: {available}; "
+                         "set --config.eval_split")
+    evals = ["test"]  # split metadata unknown (e.g. under tfds.testing.mock_data)
   names = builder.info.features["label"].names
   return Source(name, list(names), builder=builder, train_split=train, eval_split=evals[0])
 
@@ -248,7 +255,13 @@ def _load(split: Split, index: tf.Tensor) -> tf.Tensor:
 
 
 def steps_per_epoch(source: Source, config) -> int:
-  return max(1, source.num_examples(source.train_split) // config.batch_size)
+  n = source.num_examples(source.train_split)
+  if n is None and config.get("num_train_steps"):
+    return config.num_train_steps  # unknown size: the run is one "epoch" of num_train_steps
+  if n is None:
+    raise DatasetError(f"{source.name}: the size of split {source.train_split!r} is unknown; "
+                       "set --config.num_train_steps and --config.eval_every_steps")
+  return max(1, n // config.batch_size)
 
 
 def train_batches(source: Source, config, start_step: int, num_steps: int,
@@ -348,8 +361,9 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
       return {"image": image, "label": tf.gather(label_table, index), "mask": mask}
   else:
     n = source.num_examples(split_name)
-    per_process = math.ceil(n / process_count)
-    num_batches = math.ceil(per_process / local)
+    if n is None and process_count > 1:
+      raise DatasetError(f"{source.name}: evaluating on several processes needs the size of "
+                         f"split {split_name!r}, which TFDS does not know")
     split = tfds.split_for_jax_process(split_name, process_index=process_index,
                                        process_count=process_count)
     ds = source.builder.as_dataset(split=split, shuffle_files=False)
@@ -362,8 +376,11 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
     pad = tf.data.Dataset.from_tensors({
         "image": tf.zeros((config.image_size, config.image_size, config.get("channels", 3))),
         "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}).repeat()
-    ds = ds.concatenate(pad).take(num_batches * local)
-    ds = ds.batch(local)
+    if n is None:  # unknown size: every real example, then padding to a whole batch
+      ds = ds.concatenate(pad.take(local - 1)).batch(local, drop_remainder=True)
+    else:  # every process yields the same number of batches
+      num_batches = math.ceil(math.ceil(n / process_count) / local)
+      ds = ds.concatenate(pad).take(num_batches * local).batch(local)
     return iter(tfds.as_numpy(ds.prefetch(2)))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(local)
   return iter(tfds.as_numpy(ds.prefetch(2)))

@@ -97,3 +97,27 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   config.update(dict(dataset="imagenet2012", data_dir=str(tmp_path)))
   with pytest.raises(input_pipeline.DatasetError, match="tfds build imagenet2012"):
     input_pipeline.open_source(config)
+
+
+@pytest.mark.parametrize("name,size,channels", [("fashion_mnist", 32, 1), ("imagenet2012", 64, 3)])
+def test_tfds_pipeline_on_mock_data(name, size, channels):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.update(dict(dataset=name, image_size=size, channels=channels, batch_size=8,
+                     eval_batch_size=6, augment="inception_crop_photometric", random_flip=True,
+                     num_train_steps=3, normalize="imagenet"))
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = input_pipeline.open_source(config)
+    assert source.num_classes == (10 if name == "fashion_mnist" else 1000)
+    batches = list(input_pipeline.train_batches(source, config, 0, 3))
+    assert len(batches) == 3
+    for batch in batches:
+      assert batch["image"].shape == (8, size, size, channels)
+      assert batch["image"].dtype == np.float32 and np.isfinite(batch["image"]).all()
+      assert batch["label"].dtype == np.int32
+      assert ((batch["label"] >= 0) & (batch["label"] < source.num_classes)).all()
+    resumed = next(input_pipeline.train_batches(source, config, 2, 3))  # skips consumed batches
+    np.testing.assert_array_equal(resumed["label"], batches[2]["label"])
+    evals = list(input_pipeline.eval_batches(source, config))
+    assert sum(int(b["mask"].sum()) for b in evals) == 20  # every example exactly once
+    assert all(b["image"].shape[0] == 6 for b in evals)
