@@ -43,7 +43,16 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from googlenet_jax import training  # pylint: disable=import-outside-toplevel
   from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
-  logging.getLogger().setLevel(logging.INFO)
+  # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  ours = logging.getLogger("googlenet_jax")
+  ours.setLevel(logging.INFO)
+  if not ours.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    ours.addHandler(handler)
+    ours.propagate = False
   try:
     result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, DatasetError, FloatingPointError) as e:

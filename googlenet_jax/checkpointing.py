@@ -43,7 +43,7 @@ class Checkpointer:
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    logging.info("resumed from %s/%d", self.directory, step)
+    logging.getLogger("googlenet_jax").info("resumed from %s/%d", self.directory, step)
     return restored, int(step)
 
   def save(self, step: int, state: Any, force: bool = False) -> None:

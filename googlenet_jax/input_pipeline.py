@@ -129,7 +129,7 @@ def _folder_split(paths, labels, what: str) -> Split:
   ok = _readable(paths)
   bad = [p for p, good in zip(paths, ok) if not good]
   if bad:
-    logging.warning("skipping %d unreadable image file(s) in %s: %s", len(bad), what,
+    logging.getLogger("googlenet_jax").warning("skipping %d unreadable image file(s) in %s: %s", len(bad), what,
                     ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
   keep = [i for i, good in enumerate(ok) if good]
   if not keep:

@@ -26,6 +26,7 @@ from googlenet_jax import variants
 from googlenet_jax.models import GoogLeNet, GoogLeNetOutputs
 
 AXIS = "batch"
+log = logging.getLogger("googlenet_jax")
 
 
 @flax.struct.dataclass
@@ -354,7 +355,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("signal %d: saving a checkpoint and stopping", signum)
+    log.warning("signal %d: saving a checkpoint and stopping", signum)
     self.requested = True
 
   def __exit__(self, *exc):
@@ -385,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir, is_main)
   writer.truncate_after(start_step)
   if is_main:
-    logging.info("training %s on %s: %d steps (%d per epoch), %d device(s), %s, from step %d",
+    log.info("training %s on %s: %d steps (%d per epoch), %d device(s), %s, from step %d",
                  config.variant, source.name, num_steps, per_epoch, jax.device_count(),
                  config.parallel, start_step)
 
@@ -434,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_metrics = evaluate(p_eval, state, source, config, parallel)
         writer.write(done, "eval", {k: v for k, v in eval_metrics.items() if k != "count"})
         if is_main:
-          logging.info("step %d: eval loss %.4f top-1 %.4f top-5 %.4f (%d examples)", done,
+          log.info("step %d: eval loss %.4f top-1 %.4f top-5 %.4f (%d examples)", done,
                        eval_metrics["loss"], eval_metrics["top1"], eval_metrics["top5"],
                        eval_metrics["count"])
         ckpt.save_best(done, parallel.for_checkpoint(state), eval_metrics)
