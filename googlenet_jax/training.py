@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from googlenet_jax import checkpointing
@@ -226,10 +227,25 @@ class Parallel:
 
   def compile(self, step: Callable, donate_state: bool = False) -> Callable:
     if self.mode == "pmap":
-      return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
-                      devices=self.devices)
-    mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
-    return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+      fn = jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
+                    devices=self.devices)
+    else:
+      mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+      fn = jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+    if jax.process_count() == 1:
+      return fn
+    compiled = []
+
+    def run(state, batch):
+      if not compiled:
+        compiled.append(fn.lower(state, batch).compile())
+        # Processes must reach the first collective within the CPU collectives' set-up
+        # timeout (30 s for gloo), and compiling can take longer than that on one of them:
+        # wait here until every process has compiled.
+        multihost_utils.sync_global_devices(f"compiled {getattr(step, 'func', step).__name__}")
+      return compiled[0](state, batch)
+
+    return run
 
   def batch(self, local_batch: dict) -> dict:
     """This process's numpy batch -> what the compiled step takes."""
