@@ -86,7 +86,11 @@ def open_source(config) -> Source:
 def _digits_source(config) -> Source:
   from googlenet_jax import digits  # pylint: disable=import-outside-toplevel
   builder = digits.SklearnDigits(data_dir=config.get("data_dir") or None)
-  builder.download_and_prepare()
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare()
+    except FileExistsError:  # another process (multi-host on one machine) prepared it first
+      builder = digits.SklearnDigits(data_dir=config.get("data_dir") or None)
   splits = {}
   for split in ("train", "test"):
     ds = builder.as_dataset(split=split, batch_size=-1)  # 1,797 examples: read it all
