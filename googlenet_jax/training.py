@@ -232,7 +232,9 @@ class Parallel:
     else:
       mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
       fn = jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or self.mode == "pmap":
+      # (pmap's AOT lowering expects the global device axis, so it cannot be compiled ahead
+      # here; across processes it relies on all of them compiling within gloo's 30 s.)
       return fn
     compiled = []
 
