@@ -232,20 +232,49 @@ class Parallel:
     else:
       mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
       fn = jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
-    if jax.process_count() == 1 or self.mode == "pmap":
-      # (pmap's AOT lowering expects the global device axis, so it cannot be compiled ahead
-      # here; across processes it relies on all of them compiling within gloo's 30 s.)
+    if jax.process_count() == 1:
       return fn
+    # Across processes, every process must reach the first collective within the CPU
+    # collectives' set-up timeout (30 s for gloo), and compiling can take minutes on a loaded
+    # machine: compile ahead of time, then wait for every process before the first call.
+    if self.mode == "pmap":
+      return self._compile_pmap_ahead(step)
     compiled = []
 
     def run(state, batch):
       if not compiled:
         compiled.append(fn.lower(state, batch).compile())
-        # Processes must reach the first collective within the CPU collectives' set-up
-        # timeout (30 s for gloo), and compiling can take longer than that on one of them:
-        # wait here until every process has compiled.
-        multihost_utils.sync_global_devices(f"compiled {getattr(step, 'func', step).__name__}")
+        multihost_utils.sync_global_devices(f"compiled {_name(step)}")
       return compiled[0](state, batch)
+
+    return run
+
+  def _compile_pmap_ahead(self, step: Callable) -> Callable:
+    """Multi-process pmap, compiled before its first call. `jax.pmap(...).lower` fails on
+    unmapped scalars (JAX 0.10), so the state's scalars travel as shape (1,) and are reshaped
+    inside; the compiled program takes global arrays (the pmap axis over all devices)."""
+    def unscalar(tree):
+      return jax.tree.map(lambda x: jnp.reshape(x, (1,)) if jnp.ndim(x) == 0 else x, tree)
+
+    def step_on_vectors(vector_state, batch, *, scalar_mask):
+      state = jax.tree.map(lambda x, is_scalar: x.reshape(()) if is_scalar else x,
+                           vector_state, scalar_mask)
+      return step(state, batch)
+
+    compiled = []
+
+    def run(state, batch):
+      if not compiled:
+        mask = jax.tree.map(lambda x: jnp.ndim(x) == 0, state)
+        fn = jax.pmap(functools.partial(step_on_vectors, scalar_mask=mask), axis_name=AXIS,
+                      in_axes=(None, 0), out_axes=None, devices=self.devices)
+        compiled.append(fn.lower(unscalar(state), batch).compile())
+        multihost_utils.sync_global_devices(f"compiled {_name(step)}")
+      batch_sharding = compiled[0].input_shardings[0][1]
+      batch = jax.tree.map(
+          lambda x, sharding: jax.make_array_from_process_local_data(sharding, x),
+          batch, batch_sharding)
+      return compiled[0](unscalar(state), batch)
 
     return run
 
@@ -257,13 +286,6 @@ class Parallel:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
 
-  def for_checkpoint(self, state: Any) -> Any:
-    """Under pmap on several processes the state comes back host-local (replicated over this
-    process's devices only), which Orbax cannot save: make it one global replicated array."""
-    if self.mode == "pmap" and jax.process_count() > 1:
-      return self.replicate(jax.device_get(state))
-    return state
-
   def replicate(self, tree: Any) -> Any:
     def put(x):
       x = np.asarray(x)
@@ -273,6 +295,10 @@ class Parallel:
 
 # --------------------------------------------------------------------------------------------
 # Metrics output: metrics.jsonl, TensorBoard, and a PNG of the curves.
+
+
+def _name(step: Callable) -> str:
+  return getattr(step, "func", step).__name__
 
 
 class MetricWriter:
@@ -456,13 +482,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           log.info("step %d: eval loss %.4f top-1 %.4f top-5 %.4f (%d examples)", done,
                        eval_metrics["loss"], eval_metrics["top1"], eval_metrics["top5"],
                        eval_metrics["count"])
-        ckpt.save_best(done, parallel.for_checkpoint(state), eval_metrics)
+        ckpt.save_best(done, state, eval_metrics)
       if done % config.checkpoint_every_steps == 0 or done == num_steps:
-        ckpt.save(done, parallel.for_checkpoint(state))
+        ckpt.save(done, state)
       # Stop at a logging boundary, so that a resumed run logs exactly what an uninterrupted
       # one would (train metrics are averaged over each logging interval).
       if preemption.requested and done < num_steps and done % log_every == 0:
-        ckpt.save(done, parallel.for_checkpoint(state), force=True)
+        ckpt.save(done, state, force=True)
         stopped = True
         break
   if progress is not None:

@@ -33,8 +33,7 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-# pmap across processes has no compile barrier yet and can time out in gloo's set-up: see README.
-@pytest.mark.parametrize("parallel", ["shard_map"])
+@pytest.mark.parametrize("parallel", ["pmap", "shard_map"])
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path, parallel):
   env = {**os.environ, "XLA_FLAGS": "", "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
   common = ["--config", "configs/default.py", f"--config.data_dir={tmp_path / 'tfds'}",
