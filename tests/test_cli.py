@@ -127,12 +127,20 @@ def test_predict_exit_status(converted, images, tmp_path):
   directory, _ = converted
   run = run_module("googlenet_jax.predict", "--workdir", directory, images / "broken.jpg")
   assert run.returncode == 1 and "not a decodable image" in run.stderr
-  run = run_module("googlenet_jax.predict", "--workdir", tmp_path / "nowhere", images / "wide.png")
-  assert run.returncode == 2 and "no such directory" in run.stderr
-  assert "Traceback" not in run.stderr
+  with pytest.raises(model_dir.ModelDirError, match="no such directory"):
+    model_dir.locate(workdir=str(tmp_path / "nowhere"))
   os.makedirs(tmp_path / "empty")
-  run = run_module("googlenet_jax.predict", "--workdir", tmp_path / "empty", images / "wide.png")
-  assert run.returncode == 2 and "no checkpoints" in run.stderr
+  with pytest.raises(model_dir.ModelDirError, match="no checkpoints"):
+    model_dir.locate(checkpoint=str(tmp_path / "empty"))
+  step_dir, found = model_dir.locate(checkpoint=str(directory / "checkpoints" / "0"))
+  assert found == str(directory) and step_dir.endswith("checkpoints/0")
+
+
+def test_convert_command_line_errors(tmp_path):
+  run = run_module("googlenet_jax.convert", "--torch", tmp_path / "missing.pth", "--variant",
+                   "torchvision", "--out", tmp_path / "out")
+  assert run.returncode == 2 and "missing.pth: no such file" in run.stderr
+  assert "Traceback" not in run.stderr
 
 
 def test_class_names():
@@ -219,35 +227,54 @@ def test_ten_crops_resize_the_shorter_side_and_normalise():
 
 
 @pytest.fixture(scope="module")
-def digits_config(tmp_path_factory):
+def folder_config(tmp_path_factory):
+  """A folder dataset of 3 classes with a val/ split of 5 images."""
+  root = tmp_path_factory.mktemp("folder")
+  rng = np.random.RandomState(2)
+  for split, per_class in (("train", 1), ("val", 2)):
+    for cls in ("ant", "bee", "cat"):
+      os.makedirs(root / split / cls)
+      for i in range(per_class if cls != "cat" else 1):
+        Image.fromarray(rng.randint(0, 255, (30, 40, 3), np.uint8)).save(
+            root / split / cls / f"{i}.png")
   config = default.get_config()
-  config.update(dict(image_size=SIZE, eval_batch_size=64,
-                     data_dir=str(tmp_path_factory.mktemp("tfds"))))
+  config.update(dict(dataset=f"folder:{root}", image_size=SIZE, eval_batch_size=8,
+                     eval_crop_fraction=0.875))
   return config
 
 
-def test_evaluate_single_and_multi_crop(converted, digits_config):
-  directory, _ = converted
-  loaded = model_dir.load_for_inference(workdir=str(directory), config=digits_config)
+def test_evaluate_single_and_multi_crop(converted, folder_config):
+  directory, torch_model = converted
+  loaded = model_dir.load_for_inference(workdir=str(directory), config=folder_config)
   assert loaded.model.variant == "torchvision" and loaded.model.num_classes == NUM_CLASSES
-  assert loaded.config.dataset == "sklearn_digits" and loaded.config.transform_input
+  assert loaded.config.dataset.startswith("folder:") and loaded.config.transform_input
   single = evaluate.evaluate_model(loaded, loaded.config)
   multi = evaluate.evaluate_model(loaded, loaded.config, multi_crop=True)
   for result in (single, multi):
-    assert result["count"] == 359 and result["split"] == "test"
+    assert result["count"] == 5 and result["split"] == "val"
     assert 0 <= result["top1"] <= result["top5"] <= 1 and np.isfinite(result["loss"])
   assert (single["crops"], multi["crops"]) == (1, 10)
-  assert evaluate.format_result(multi).endswith("(test, 10 crops)")
+  assert evaluate.format_result(multi).endswith("(val, 10 crops)")
+  # the 10-crop numbers are PyTorch's on the same crops, softmax averaged
+  from googlenet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  source = input_pipeline.open_source(loaded.config)
+  split = source.splits["val"]
+  nll = []
+  for path, label in zip(split.paths, split.labels):
+    crops = evaluate.ten_crops(np.asarray(Image.open(path).convert("RGB")), loaded.config)
+    with torch.no_grad():
+      probs = torch.softmax(torch_model(torch.from_numpy(crops.numpy().transpose(0, 3, 1, 2))),
+                            -1).mean(0).numpy()
+    nll.append(-np.log(probs[label]))
+  assert abs(multi["loss"] - np.mean(nll)) < 1e-4
   with pytest.raises(ValueError, match="no split 'validation'"):
     evaluate.evaluate_model(loaded, loaded.config, split="validation")
 
 
-def test_evaluate_command_line_errors(tmp_path, converted):
+def test_evaluate_command_line_errors(converted):
   directory, _ = converted
   run = run_module("googlenet_jax.evaluate", "--workdir", directory)
   assert run.returncode == 2 and "names no dataset" in run.stderr, run.stderr[-2000:]
-  run = run_module("googlenet_jax.evaluate", "--checkpoint", tmp_path)
-  assert run.returncode == 2 and "no checkpoints" in run.stderr
   assert "Traceback" not in run.stderr
 
 
