@@ -470,7 +470,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                       help="write the checkpoint's weights as a PyTorch state_dict")
   parser.add_argument("--use_ema", action="store_true", help="export the EMA weights")
   args = parser.parse_args(argv)
-  import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print("error: converting PyTorch files needs PyTorch (pip install torch)", file=sys.stderr)
+    sys.exit(2)
   try:
     if args.torch:
       if args.checkpoint or args.to_torch:

@@ -320,3 +320,35 @@ def test_summary_command_line():
   assert "| inception_3a | inception |" in run.stdout and "1502M" in run.stdout
   run = run_module("googlenet_jax.summary", "--variant", "paper", "--size", "200")
   assert run.returncode == 2 and "7x7 map" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_train_state_written_on_8_devices_restores_for_inference_on_1(converted, tmp_path):
+  from googlenet_jax import checkpointing, training  # pylint: disable=import-outside-toplevel
+  directory, _ = converted
+  variables = model_dir.restore_variables(model_dir.locate(workdir=str(directory))[0])
+  config = default.get_config()
+  config.update(dict(async_checkpointing=False, ema_decay=0.999))
+  tx = training.create_optimizer(config, 10, 10)
+  ema = jax.tree.map(lambda x: x * 2, variables["params"])
+  state = training.TrainState(step=jnp.asarray(7, jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"],
+                              opt_state=tx.init(variables["params"]), ema_params=ema,
+                              rng=np.zeros((2,), np.uint32))
+  eight = training.Parallel("shard_map", jax.devices())
+  ckpt = checkpointing.Checkpointer(str(tmp_path), config)
+  ckpt.save(7, eight.replicate(state), force=True)
+  ckpt.close()
+  model_dir.write_config(str(tmp_path), config, num_classes=NUM_CLASSES)
+  step_dir, _ = model_dir.locate(workdir=str(tmp_path))
+  assert step_dir.endswith("checkpoints/7")
+  for use_ema, want in ((False, variables["params"]), (True, ema)):
+    restored = model_dir.restore_variables(step_dir, use_ema=use_ema)
+    assert set(restored) == {"params", "batch_stats"}  # no optimiser state
+    leaf = restored["params"]["conv1"]["conv"]["kernel"]
+    assert leaf.sharding.device_set == {jax.local_devices()[0]}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]),
+                 jax.device_get(want))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["batch_stats"]),
+               jax.device_get(variables["batch_stats"]))
+  loaded = model_dir.load_for_inference(checkpoint=step_dir)  # config.json: eval_with_ema off
+  assert loaded.model_dir == str(tmp_path) and loaded.class_names[0] == "class 0"
