@@ -322,6 +322,7 @@ def test_summary_command_line():
   assert run.returncode == 2 and "7x7 map" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # ~90 s on 2 busy cores: 8 replicas of 3 weight trees
 def test_train_state_written_on_8_devices_restores_for_inference_on_1(converted, tmp_path):
   from googlenet_jax import checkpointing, training  # pylint: disable=import-outside-toplevel
   directory, _ = converted
