@@ -312,6 +312,9 @@ def test_summary_rows_match_hand_computed_values():
   assert (rows["inception_5b"].paper_params, rows["inception_5b"].paper_ops) == (1388, 71)
   totals = summary.totals(list(rows.values()))
   assert totals["paper_ops"] == 1502e6 and abs(totals["macs"] / 1.5e9 - 1) < 0.06
+  # the README's figures
+  assert totals["params"] == 6_998_552 and round(totals["macs"] / 1e6) == 1583
+  assert round(totals["paper_params"] / 1024, 1) == 6797.7
 
 
 def test_summary_command_line():
