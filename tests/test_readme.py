@@ -218,3 +218,20 @@ def test_readme_commands_run(tmp_path):
     if script:
       assert "initialised from" in run.stderr and "classifier" in run.stderr, run.stderr[-2000:]
   assert (tmp_path / "runs" / "digits_from_imagenet" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_readme_fine_tuning_snippet_runs(tmp_path, capsys):
+  """The API section's fine-tuning example, on a converted random-weight torchvision file."""
+  from googlenet_jax import convert  # pylint: disable=import-outside-toplevel
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+            if "merge_pretrained" in b]
+  assert len(blocks) == 1
+  torch.manual_seed(0)
+  weights = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+  torch.save(weights.state_dict(), tmp_path / "weights.pth")
+  convert.torch_file_to_model_dir(str(tmp_path / "weights.pth"), "torchvision",
+                                  str(tmp_path / "runs" / "torchvision_imagenet"))
+  code = blocks[0].replace('"runs/', f'"{tmp_path}/runs/').replace("224, 224", "32, 32")
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert "['aux_after_4a/fc2', 'aux_after_4d/fc2', 'classifier']" in capsys.readouterr().out
