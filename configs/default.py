@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.aux_dropout = ml_collections.config_dict.placeholder(float)
   config.transform_input = False
   config.half_precision = False
+  # Fine-tuning: start from this model directory's weights (a train.py workdir or a
+  # `python -m googlenet_jax.convert` output); classifiers of another num_classes are replaced.
+  config.init_from = ""
   # Data.
   config.dataset = "sklearn_digits"
   config.data_dir = ""  # TFDS data_dir ("" = TFDS default)

@@ -338,10 +338,14 @@ def _is_encoded(source: Source) -> bool:
 
 
 def eval_batches(source: Source, config, split_name: Optional[str] = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1,
+                 image_fn: Optional[Any] = None) -> Iterator[dict]:
   """Dicts with `image`, `label` and `mask` (1 for real examples, 0 for padding). Every process
-  yields the same number of batches (collectives need it)."""
+  yields the same number of batches (collectives need it). `image_fn` (uint8 image -> float
+  tensor of a fixed shape) replaces the single centre crop (e.g. the 10-crop evaluation)."""
   split_name = split_name or source.eval_split
+  if image_fn is None:
+    image_fn = lambda image: preprocess(image, tf.constant([0, 0], tf.int64), False, config)
   batch = config.get("eval_batch_size") or config.batch_size
   local = batch // process_count
   if source.builder is None:
@@ -361,7 +365,7 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
     label_table = tf.constant(labels)
 
     def load(index, mask):
-      image = preprocess(_load(split, index), tf.constant([0, 0], tf.int64), False, config)
+      image = image_fn(_load(split, index))
       return {"image": image, "label": tf.gather(label_table, index), "mask": mask}
   else:
     n = source.num_examples(split_name)
@@ -373,12 +377,11 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
     ds = source.builder.as_dataset(split=split, shuffle_files=False)
     ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32), 1))
     def load(image, label, mask):
-      return {"image": preprocess(image, tf.constant([0, 0], tf.int64), False, config),
-              "label": label, "mask": mask}
+      return {"image": image_fn(image), "label": label, "mask": mask}
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     pad = tf.data.Dataset.from_tensors({
-        "image": tf.zeros((config.image_size, config.image_size, config.get("channels", 3))),
+        "image": tf.zeros(ds.element_spec["image"].shape),
         "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}).repeat()
     if n is None:  # unknown size: every real example, then padding to a whole batch
       ds = ds.concatenate(pad.take(local - 1)).batch(local, drop_remainder=True)

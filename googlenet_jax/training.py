@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from googlenet_jax import checkpointing
 from googlenet_jax import input_pipeline
+from googlenet_jax import model_dir
 from googlenet_jax import variants
 from googlenet_jax.models import GoogLeNet, GoogLeNetOutputs
 
@@ -123,6 +124,22 @@ def create_train_state(model: GoogLeNet, tx, config, image_shape) -> TrainState:
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
       ema_params=params if config.get("ema_decay", 0.0) else None,
       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+
+def initialise_from(state: TrainState, config, directory: str) -> TrainState:
+  """A fresh state with the weights of the model directory `directory` (a train.py workdir or
+  a converted checkpoint) copied in; classifier heads of another shape (num_classes) and aux
+  heads the pretrained model lacks stay freshly initialised (logged)."""
+  pretrained, _ = model_dir.load_pretrained(directory, config)
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  merged, reinitialised, ignored = model_dir.merge_pretrained(fresh, pretrained)
+  log.info("initialised from %s%s%s", directory,
+           f"; re-initialised (shape differs or absent): {', '.join(reinitialised)}"
+           if reinitialised else "",
+           f"; ignored (not in this model): {', '.join(ignored)}" if ignored else "")
+  params = jax.device_get(merged["params"])
+  return state.replace(params=params, batch_stats=jax.device_get(merged.get("batch_stats", {})),
+                       ema_params=params if state.ema_params is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +443,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, start_step = ckpt.restore_or(
       lambda: create_train_state(model, tx, config, image_shape), parallel.replicated)
   if start_step == 0:
+    if config.get("init_from"):
+      state = initialise_from(state, config, config.init_from)
     state = parallel.replicate(state)
+  if is_main:  # what predict / evaluate / init_from need to rebuild the model
+    model_dir.write_config(workdir, config, num_classes=num_classes,
+                           class_names=source.class_names)
   writer = MetricWriter(workdir, is_main)
   writer.truncate_after(start_step)
   if is_main:

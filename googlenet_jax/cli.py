@@ -1,0 +1,46 @@
+"""Shared set-up of the command-line tools (predict, evaluate, convert, summary): quiet logs,
+the compilation cache, and user errors as one line on stderr with exit status 2."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+USAGE_ERROR = 2
+
+
+def setup() -> None:
+  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at WARNING; JAX_CACHE_DIR on."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  ours = logging.getLogger("googlenet_jax")
+  ours.setLevel(logging.INFO)
+  if not ours.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    ours.addHandler(handler)
+    ours.propagate = False
+  cache = os.environ.get("JAX_CACHE_DIR")
+  if cache:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+@contextlib.contextmanager
+def user_errors():
+  """ValueError (ModelDirError, DatasetError, config problems) and missing files become
+  `error: ...` and exit status 2, without a traceback."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    fail(str(e))

@@ -1,0 +1,237 @@
+"""Every shell command in README.md is run here or listed with the test that exercises it, so
+the README cannot rot: adding a command to the README without registering it below fails."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+
+class Run:
+  """Run by `test_readme_commands_run` (slow) with the placeholders (runs/, downloaded files,
+  images) replaced by test data and `tiny` overrides appended."""
+
+  def __init__(self, *tiny):
+    self.tiny = tiny
+
+
+class Elsewhere:
+  """Exercised by the named tests (`path::test_name`) or scripts; `why` says why not here."""
+
+  def __init__(self, why, *where):
+    self.why, self.where = why, where
+
+
+CONFIG_CHECKED = "tests/test_readme.py::test_training_commands_have_valid_configs"
+MULTIHOST = "tests/test_multihost.py"
+TINY_TRAIN = ("--config.image_size=32", "--config.batch_size=16", "--config.num_train_steps=4",
+              "--config.log_every_steps=2", "--config.eval_every_steps=4",
+              "--config.eval_batch_size=64", "--config.progress_bar=false")
+
+# README command -> how it is exercised.
+COMMANDS = {
+    "make train": Elsewhere(
+        "trains for minutes; the same train.py command is run to >= 95% by the slow test",
+        "tests/test_end_to_end.py::test_default_run_reaches_95_percent", "Makefile"),
+    "make test": Elsewhere("the test suite itself", ".ci/run"),
+    "python -m googlenet_jax.predict --workdir runs/default digit.png": Run(),
+    "python -m googlenet_jax.evaluate --workdir runs/default --multi_crop": Run(),
+    "python -m googlenet_jax.convert --torch googlenet-1378be20.pth --variant torchvision "
+    "--out runs/torchvision_imagenet": Run(),
+    "python -m googlenet_jax.predict --workdir runs/torchvision_imagenet cat.jpg": Run(),
+    # No ImageNet here: the same command on the digits, through the ImageNet config's
+    # preprocessing (resize 256/224 of the size, centre crop, ImageNet mean/std).
+    "python -m googlenet_jax.evaluate --config configs/imagenet_torchvision.py "
+    "--workdir runs/torchvision_imagenet": Run(
+        "--config.dataset=sklearn_digits", "--config.image_size=32",
+        "--config.eval_batch_size=64"),
+    "python -m googlenet_jax.convert --checkpoint runs/torchvision_imagenet "
+    "--to-torch googlenet_roundtrip.pth": Run(),
+    "python train.py --config configs/default.py --workdir runs/digits_from_imagenet "
+    "--config.init_from=runs/torchvision_imagenet --config.normalize=imagenet "
+    "--config.transform_input=true": Run(*TINY_TRAIN),
+    "python -m googlenet_jax.summary --variant paper --size 224": Run(),
+    "tfds build imagenet2012 --data_dir ~/tensorflow_datasets --manual_dir ~/imagenet_archives":
+        Elsewhere("TFDS's own tool, needs the ImageNet archives; train.py prints this command "
+                  "for an unprepared dataset",
+                  "tests/test_end_to_end.py::test_unprepared_tfds_dataset_says_how_to_prepare_it"),
+    "python train.py --config configs/imagenet_torchvision.py --workdir runs/imagenet":
+        Elsewhere("needs ImageNet; its config is loaded and validated", CONFIG_CHECKED,
+                  "tests/test_end_to_end.py::test_tfds_pipeline_on_mock_data"),
+    "python train.py --config configs/imagenet_torchvision.py --workdir /shared/runs/imagenet "
+    "--config.data_dir=/shared/tensorflow_datasets --distributed --config.parallel=shard_map":
+        Elsewhere("needs a pod and ImageNet; config validated, multi-process shard_map tested",
+                  CONFIG_CHECKED, MULTIHOST),
+    "python train.py --config configs/imagenet_torchvision.py --workdir /shared/runs/imagenet "
+    "--config.data_dir=/shared/tensorflow_datasets --config.parallel=shard_map "
+    "--coordinator_address host0:1234 --num_processes 2 --process_id 0":
+        Elsewhere("needs two hosts and ImageNet; config validated, the same flags on 127.0.0.1",
+                  CONFIG_CHECKED, MULTIHOST),
+    "python train.py --config configs/imagenet_torchvision.py --workdir /shared/runs/imagenet "
+    "--config.data_dir=/shared/tensorflow_datasets --config.parallel=shard_map "
+    "--coordinator_address host0:1234 --num_processes 2 --process_id 1":
+        Elsewhere("the second host of the command above", CONFIG_CHECKED, MULTIHOST),
+}
+
+
+def readme_commands() -> list[str]:
+  """Commands in the README's ```sh blocks: comments dropped, continuation lines joined."""
+  text = open(README).read()
+  commands = []
+  for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      line = line.split(" #")[0].strip()
+      if line and not line.startswith("#"):
+        commands.append(" ".join(line.split()))
+  return commands
+
+
+def test_every_readme_command_is_run_or_registered():
+  commands = readme_commands()
+  assert commands, "no ```sh blocks found in README.md"
+  unregistered = [c for c in commands if c not in COMMANDS]
+  assert not unregistered, (
+      "README commands that no test runs; register them in tests/test_readme.py COMMANDS "
+      f"(Run(...) or Elsewhere(...)): {unregistered}")
+  stale = [c for c in COMMANDS if c not in commands]
+  assert not stale, f"registered commands no longer in the README: {stale}"
+
+
+def test_elsewhere_references_exist():
+  for command, how in COMMANDS.items():
+    if isinstance(how, Elsewhere):
+      assert how.where and how.why, command
+      for ref in how.where:
+        path, _, test = ref.partition("::")
+        assert os.path.exists(os.path.join(ROOT, path)), (command, ref)
+        if test:
+          assert f"def {test}(" in open(os.path.join(ROOT, path)).read(), (command, ref)
+  ci = open(os.path.join(ROOT, ".ci", "run")).read()
+  assert "make test" in ci
+  makefile = open(os.path.join(ROOT, "Makefile")).read()
+  assert "train.py --config configs/default.py" in makefile
+
+
+def _config_of(command: str):
+  """(config, num_processes) that a train.py command line asks for: the config file's
+  get_config() with the --config.x=y overrides applied (typed like the field they replace)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  args = shlex.split(command)[2:]
+  path = args[args.index("--config") + 1]
+  spec = importlib.util.spec_from_file_location("readme_config", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  num_processes = 1
+  for i, arg in enumerate(args):
+    if arg.startswith("--config."):
+      name, value = arg[len("--config."):].split("=", 1)
+      assert name in config, f"{command}: no config field {name!r}"
+      old = config[name]
+      config[name] = (value.lower() == "true" if isinstance(old, bool) else type(old)(value)
+                      if old is not None else value)
+    elif arg == "--num_processes":
+      num_processes = int(args[i + 1])
+  return config, num_processes
+
+
+def test_training_commands_have_valid_configs():
+  from googlenet_jax import training  # pylint: disable=import-outside-toplevel
+  checked = 0
+  for command, how in COMMANDS.items():
+    if isinstance(how, Elsewhere) and CONFIG_CHECKED in how.where:
+      config, num_processes = _config_of(command)
+      training.validate_config(config, num_processes)
+      assert config.dataset == "imagenet2012" and config.num_classes == 1000
+      checked += 1
+  assert checked == 4
+
+
+def test_summary_command_runs():
+  command = "python -m googlenet_jax.summary --variant paper --size 224"
+  assert command in readme_commands()
+  run = subprocess.run([sys.executable] + shlex.split(command)[1:], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+  assert run.returncode == 0, run.stderr
+  assert "inception_5b" in run.stdout and "1388K" in run.stdout
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+  """Runs every `Run()` command in README order, as a user would after downloading the
+  torchvision weights (a random-weight torchvision state_dict of the same format stands in)."""
+  torch.manual_seed(0)
+  weights = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+  torch.save(weights.state_dict(), tmp_path / "googlenet-1378be20.pth")
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  seven = (load_digits().images[7] * 255 / 16).astype(np.uint8)
+  Image.fromarray(seven).resize((64, 64)).save(tmp_path / "digit.png")
+  Image.fromarray(np.random.RandomState(0).randint(0, 255, (300, 400, 3), np.uint8)).save(
+      tmp_path / "cat.jpg")
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT,
+         "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  data_dir = f"--config.data_dir={tmp_path / 'tfds'}"
+  def stage(command):  # convert first, train before the commands that use its workdir
+    return (0 if "--torch " in command else 2 if "train.py" in command
+            else 3 if "runs/default" in command else 1)
+
+  for command in sorted(readme_commands(), key=stage):
+    how = COMMANDS[command]
+    if not isinstance(how, Run):
+      continue
+    # runs/default (what `make train` leaves) is played by the fine-tuned run's workdir
+    text = command.replace("runs/default", "runs/digits_from_imagenet")
+    args = shlex.split(text)
+    args = [sys.executable if a == "python" else a for a in args] + list(how.tiny)
+    script = args[1] == "train.py"
+    if script:
+      args[1] = os.path.join(ROOT, "train.py")
+      args.append(data_dir)
+    elif "googlenet_jax.evaluate" in args and "--config" in args:
+      args.append(data_dir)
+    if "--config" in args:
+      i = args.index("--config") + 1
+      args[i] = os.path.join(ROOT, args[i])
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, (command, run.stderr[-3000:])
+    if "predict" in command:
+      assert "  1. " in run.stdout, (command, run.stdout)
+    if "evaluate" in command:
+      assert "top-1" in run.stdout and "examples" in run.stdout, (command, run.stdout)
+    if "--to-torch" in command:
+      back = torch.load(tmp_path / "googlenet_roundtrip.pth", weights_only=True)
+      for key, value in weights.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+          np.testing.assert_array_equal(back[key].numpy(), value.numpy(), err_msg=key)
+    if script:
+      assert "initialised from" in run.stderr and "classifier" in run.stderr, run.stderr[-2000:]
+  assert (tmp_path / "runs" / "digits_from_imagenet" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_readme_fine_tuning_snippet_runs(tmp_path, capsys):
+  """The API section's fine-tuning example, on a converted random-weight torchvision file."""
+  from googlenet_jax import convert  # pylint: disable=import-outside-toplevel
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+            if "merge_pretrained" in b]
+  assert len(blocks) == 1
+  torch.manual_seed(0)
+  weights = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+  torch.save(weights.state_dict(), tmp_path / "weights.pth")
+  convert.torch_file_to_model_dir(str(tmp_path / "weights.pth"), "torchvision",
+                                  str(tmp_path / "runs" / "torchvision_imagenet"))
+  code = blocks[0].replace('"runs/', f'"{tmp_path}/runs/').replace("224, 224", "32, 32")
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert "['aux_after_4a/fc2', 'aux_after_4d/fc2', 'classifier']" in capsys.readouterr().out
