@@ -43,6 +43,7 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from googlenet_jax import training  # pylint: disable=import-outside-toplevel
   from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -55,7 +56,7 @@ def main(argv):
     ours.propagate = False
   try:
     result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, DatasetError, FloatingPointError) as e:
+  except (ValueError, DatasetError, FloatingPointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
