@@ -147,7 +147,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=config.get("async_checkpointing", True)))
+            enable_async_checkpointing=config.get("async_checkpointing", True)),
+        item_handlers=ocp.StandardCheckpointHandler())  # (so that item_metadata reads shapes)
     self.best = None
     if config.get("keep_best", False):
       self.best = ocp.CheckpointManager(
