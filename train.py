@@ -6,6 +6,7 @@ environment, which jax.distributed.initialize() reads, with --distributed).
 
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,8 +28,17 @@ flags.DEFINE_string("cpu_collectives", None, "CPU collectives for multi-process 
                     "(e.g. gloo).")
 
 
+def _stop_before_training(signum, frame):
+  del frame
+  print(f"stopped by signal {signum} before training started; nothing to save", file=sys.stderr)
+  sys.exit(0)
+
+
 def main(argv):
   del argv
+  # SIGTERM/SIGINT: until the training loop takes over (and saves), stop without a traceback.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _stop_before_training)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)

@@ -379,11 +379,15 @@ def evaluate(p_eval, state, source, config, parallel: Parallel) -> dict:
 class _Preemption:
   """SIGTERM/SIGINT: finish the current step, save, exit cleanly."""
 
+  _active: list = []  # nested: a signal during start-up reaches the training loop's
+
   def __init__(self):
     self.requested = False
     self._old = {}
 
   def __enter__(self):
+    self.requested = any(p.requested for p in _Preemption._active)
+    _Preemption._active.append(self)
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -397,6 +401,7 @@ class _Preemption:
     self.requested = True
 
   def __exit__(self, *exc):
+    _Preemption._active.remove(self)
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
@@ -449,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `stopped_early` when a signal interrupted the run). Holds `workdir`'s lock throughout: a
   second run on the same workdir raises `checkpointing.WorkdirLocked`."""
   validate_config(config, jax.device_count())
-  with checkpointing.WorkdirLock(workdir, jax.process_index()):
+  with checkpointing.WorkdirLock(workdir, jax.process_index()), _Preemption():
     return _train_and_evaluate(config, workdir)
 
 
