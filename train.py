@@ -15,8 +15,14 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.",
-                                lock_config=True)
+try:  # (the --config.x=y overrides are applied here, at definition)
+  config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.",
+                                  lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+  msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  print(f"error: bad --config override ({msg}); the fields are those of the --config file",
+        file=sys.stderr)
+  sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.", required=True)
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -39,6 +45,12 @@ def main(argv):
   # SIGTERM/SIGINT: until the training loop takes over (and saves), stop without a traceback.
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _stop_before_training)
+  try:
+    FLAGS.config.get("variant")  # a --config file that failed to load raises here
+  except (OSError, SyntaxError, AttributeError) as e:
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
+          file=sys.stderr)
+    sys.exit(2)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)

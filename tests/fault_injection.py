@@ -5,12 +5,12 @@ always reaches exactly the parameters (and metrics.jsonl) of an uninterrupted ru
 
 One uninterrupted tiny run is the reference. Then one workdir is trained, killed and restarted
 until it completes. Each kill is one of:
-  startup   SIGKILL at a random moment before training starts (imports, restore, compile);
-  training  SIGKILL at a random moment while it trains, evaluates and saves;
+  startup   SIGKILL at a random moment of start-up (imports, dataset, restore);
+  training  SIGKILL 0-1 s after the run logged a random step it had not reached yet;
   save      SIGKILL the moment an asynchronous checkpoint save is in progress (Orbax's
             temporary directory exists), plus 0-30 ms;
-  signal    SIGTERM or SIGINT at a random moment: the run must stop cleanly (status 0),
-            saving a checkpoint if it was training.
+  signal    SIGTERM or SIGINT, timed like `training`: the run must save and exit with
+            status 0.
 Checkpoints are saved every 2 steps with keep_checkpoints=1 and keep_best, so most kills land
 near a save, a rotation or a best-checkpoint save. A kill "survives" when the next start
 resumes from the newest complete checkpoint (no corrupt-checkpoint fallback was needed, no
@@ -71,6 +71,15 @@ def _training(log_path: str) -> bool:
     return " training torchvision on " in f.read()
 
 
+def _last_logged_step(workdir: str) -> int:
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return 0
+  return max([int(m) for m in re.findall(r'"step": (\d+)', text)] or [0])
+
+
 def _metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -98,6 +107,7 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
   t_start = time.time()
   rng = random.Random(seed)
   root = workdir or tempfile.mkdtemp(prefix="fault_injection_")
+  os.makedirs(root, exist_ok=True)
   data_dir = os.path.join(root, "tfds")
   whole, killed = os.path.join(root, "whole"), os.path.join(root, "killed")
   for d in (whole, killed):
@@ -110,7 +120,12 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
   if ref.wait(timeout=max(60.0, max_seconds)) != 0:
     raise RuntimeError(f"the uninterrupted run failed: see {root}/whole.log")
   ref_seconds = time.time() - t0
-  say(f"uninterrupted run: {ref_seconds:.0f} s")
+  with open(os.path.join(root, "whole.log")) as f:  # the time to the "training" log line
+    match = re.search(r"(\d\d):(\d\d):(\d\d),\d+ INFO training ", f.read())
+  first = time.localtime(t0)
+  ref_startup = ((int(match[1]) - first.tm_hour) * 3600 + (int(match[2]) - first.tm_min) * 60
+                 + int(match[3]) - first.tm_sec) % 86400 if match else ref_seconds / 2
+  say(f"uninterrupted run: {ref_seconds:.0f} s ({ref_startup:.0f} s to the first step)")
 
   tried, survived, failures = 0, 0, []
   modes: dict[str, int] = {}
@@ -123,20 +138,22 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
     before = _complete_steps(killed)
     proc = _start(killed, data_dir, log_path)
     out_of_budget = tried >= kills or time.time() - t_start > max_seconds
-    mode = None if out_of_budget else rng.choice(
-        ["startup", "training", "training", "save", "save", "save", "signal"])
+    mode = None if out_of_budget or expect >= STEPS else rng.choice(
+        ["startup", "training", "training", "save", "save", "save", "signal", "signal"])
     started, delay = time.time(), rng.uniform(0.0, 1.0)
-    kill_sent, trained_since = None, None
+    target = rng.randint(expect + 1, STEPS - 1) if expect < STEPS - 1 else STEPS
+    kill_sent, reached = None, None
     while proc.poll() is None:
       now = time.time()
-      if mode == "startup" and now - started > delay * 15.0:
+      if mode == "startup" and now - started > delay * ref_startup:
         kill_sent = signal.SIGKILL
-      elif mode == "signal" and now - started > delay * 25.0:
-        kill_sent = rng.choice([signal.SIGTERM, signal.SIGINT])
-      elif mode == "training" and _training(log_path):
-        trained_since = trained_since or now
-        if now - trained_since > delay * 6.0:
-          kill_sent = signal.SIGKILL
+      elif mode in ("training", "signal") and _training(log_path):
+        # a random moment after the run has logged step `target` (0-1 s later)
+        if reached is None and _last_logged_step(killed) >= target:
+          reached = now
+        if reached is not None and now - reached > delay:
+          kill_sent = signal.SIGKILL if mode == "training" else rng.choice(
+              [signal.SIGTERM, signal.SIGINT])
       elif mode == "save" and _saving(killed):
         time.sleep(rng.uniform(0.0, 0.03))
         kill_sent = signal.SIGKILL

@@ -125,6 +125,16 @@ def test_empty_split_or_class_is_an_error(tmp_path, layout, match):
     input_pipeline.open_source(config)
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--config.learnig_rate=0.1"], 'Did you mean "learning_rate" instead of "learnig_rate"?'),
+    (["--config=configs/no_such_config.py"], "No such file or directory"),
+])
+def test_unknown_config_field_or_file_via_train_py_is_one_line(tmp_path, args, expected):
+  run = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path), *args], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+  assert expected in _one_line_error(run)
+
+
 def test_bad_config_via_train_py_is_one_line_before_any_work(tmp_path):
   run = subprocess.run(
       [sys.executable, "train.py", "--workdir", str(tmp_path / "w"), "--config.batch_size=12",
