@@ -449,16 +449,24 @@ class _NonFiniteGuard:
     return out
 
 
+def _one_run_per_workdir(train: Callable) -> Callable:
+  """Checks the config, then holds `workdir`'s lock for the whole run (a second run on the
+  same workdir raises `checkpointing.WorkdirLocked`) and defers SIGTERM/SIGINT that arrive
+  during start-up to the training loop (which saves, then stops)."""
+
+  @functools.wraps(train)
+  def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate_config(config, jax.device_count())
+    with checkpointing.WorkdirLock(workdir, jax.process_index()), _Preemption():
+      return train(config, workdir)
+
+  return run
+
+
+@_one_run_per_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train, evaluate and checkpoint as `config` says; returns the final eval metrics (and
-  `stopped_early` when a signal interrupted the run). Holds `workdir`'s lock throughout: a
-  second run on the same workdir raises `checkpointing.WorkdirLocked`."""
-  validate_config(config, jax.device_count())
-  with checkpointing.WorkdirLock(workdir, jax.process_index()), _Preemption():
-    return _train_and_evaluate(config, workdir)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  `stopped_early` when a signal interrupted the run)."""
   validate_config(config, jax.device_count())
   is_main = jax.process_index() == 0
   source = input_pipeline.open_source(config)
