@@ -7,8 +7,8 @@ One uninterrupted tiny run is the reference. Then one workdir is trained, killed
 until it completes. Each kill is one of:
   startup   SIGKILL at a random moment of start-up (imports, dataset, restore);
   training  SIGKILL 0-1 s after the run logged a random step it had not reached yet;
-  save      SIGKILL the moment an asynchronous checkpoint save is in progress (Orbax's
-            temporary directory exists), plus 0-30 ms;
+  save      SIGKILL the moment a checkpoint save is in progress (an Orbax temporary
+            directory exists in checkpoints/ (async) or best/ (sync)), plus 0-30 ms;
   signal    SIGTERM or SIGINT, timed like `training`: the run must save and exit with
             status 0.
 Checkpoints are saved every 2 steps with keep_checkpoints=1 and keep_best, so most kills land
@@ -62,8 +62,10 @@ def _complete_steps(workdir: str) -> list[int]:
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
-def _saving(workdir: str) -> bool:
-  return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
+def _saving(workdir: str) -> set[str]:
+  """Orbax's temporary directories: a save is in progress (or was killed)."""
+  return set(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+             + glob.glob(os.path.join(workdir, "best", "*.orbax-checkpoint-tmp*")))
 
 
 def _training(log_path: str) -> bool:
@@ -135,7 +137,7 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
   while True:
     attempt += 1
     log_path = os.path.join(root, f"killed.{attempt}.log")
-    before = _complete_steps(killed)
+    before, stale = _complete_steps(killed), _saving(killed)  # (stale: left by a kill)
     proc = _start(killed, data_dir, log_path)
     out_of_budget = tried >= kills or time.time() - t_start > max_seconds
     mode = None if out_of_budget or expect >= STEPS else rng.choice(
@@ -154,7 +156,7 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
         if reached is not None and now - reached > delay:
           kill_sent = signal.SIGKILL if mode == "training" else rng.choice(
               [signal.SIGTERM, signal.SIGINT])
-      elif mode == "save" and _saving(killed):
+      elif mode == "save" and _training(log_path) and _saving(killed) - stale:
         time.sleep(rng.uniform(0.0, 0.03))
         kill_sent = signal.SIGKILL
       if kill_sent is not None:
