@@ -6,6 +6,7 @@ environment, which jax.distributed.initialize() reads, with --distributed).
 
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -14,8 +15,14 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.",
-                                lock_config=True)
+try:  # (the --config.x=y overrides are applied here, at definition)
+  config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.",
+                                  lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+  msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  print(f"error: bad --config override ({msg}); the fields are those of the --config file",
+        file=sys.stderr)
+  sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.", required=True)
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -27,8 +34,23 @@ flags.DEFINE_string("cpu_collectives", None, "CPU collectives for multi-process 
                     "(e.g. gloo).")
 
 
+def _stop_before_training(signum, frame):
+  del frame
+  print(f"stopped by signal {signum} before training started; nothing to save", file=sys.stderr)
+  sys.exit(0)
+
+
 def main(argv):
   del argv
+  # SIGTERM/SIGINT: until the training loop takes over (and saves), stop without a traceback.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _stop_before_training)
+  try:
+    FLAGS.config.get("variant")  # a --config file that failed to load raises here
+  except (OSError, SyntaxError, AttributeError) as e:
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
+          file=sys.stderr)
+    sys.exit(2)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
@@ -43,6 +65,7 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from googlenet_jax import training  # pylint: disable=import-outside-toplevel
   from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -55,7 +78,7 @@ def main(argv):
     ours.propagate = False
   try:
     result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, DatasetError, FloatingPointError) as e:
+  except (ValueError, DatasetError, FloatingPointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:

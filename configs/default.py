@@ -63,5 +63,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.keep_best = False
   config.async_checkpointing = True
+  config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss; N: skip up to N in a row
   config.progress_bar = True
   return config

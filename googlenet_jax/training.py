@@ -68,6 +68,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     problems.append("set num_epochs or num_train_steps to a positive number")
   if config.aux_loss_weight < 0:
     problems.append(f"aux_loss_weight must be >= 0, got {config.aux_loss_weight}")
+  if not config.checkpoint_every_steps > 0:
+    problems.append(f"checkpoint_every_steps must be > 0, got {config.checkpoint_every_steps}")
+  if config.get("keep_checkpoints") is not None and config.keep_checkpoints < 1:
+    problems.append(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+  if config.get("skip_nonfinite_steps", 0) < 0:
+    problems.append(f"skip_nonfinite_steps must be >= 0, got {config.skip_nonfinite_steps}")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -173,9 +179,11 @@ def _per_device(tree: Any) -> Any:
 
 
 def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss_weight: float,
-               ema_decay: float = 0.0, label_smoothing: float = 0.0):
+               ema_decay: float = 0.0, label_smoothing: float = 0.0, skip_nonfinite: bool = False):
   """One step on one device's share of the batch; gradients, metrics and BatchNorm statistics
-  are averaged over the `batch` axis, so every device ends with the same state."""
+  are averaged over the `batch` axis, so every device ends with the same state. The `finite`
+  metric is 0 when the loss or the new parameters are not finite; with `skip_nonfinite` such a
+  step then leaves the state as it was (only the step counter advances)."""
   rng = jax.random.wrap_key_data(state.rng)
   dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   labels = batch["label"]
@@ -207,8 +215,14 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
   metrics = {"loss": loss, "top1": _topk_correct(logits, labels, 1).mean(),
              "top5": _topk_correct(logits, labels, 5).mean()}
   metrics = lax.pmean(metrics, AXIS)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+  metrics["finite"] = finite.astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, ema_params=ema)
+  if skip_nonfinite:
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step + 1))
   return new_state, metrics
 
 
@@ -343,8 +357,14 @@ class MetricWriter:
   def read(self) -> list[dict]:
     if not os.path.exists(self.path):
       return []
+    records = []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed run
+          log.warning("%s: skipping a malformed line: %r", self.path, line[:80])
+    return records
 
   def truncate_after(self, step: int) -> None:
     """On resume, drop records a stopped run wrote after its last checkpoint."""
@@ -402,11 +422,15 @@ def evaluate(p_eval, state, source, config, parallel: Parallel) -> dict:
 class _Preemption:
   """SIGTERM/SIGINT: finish the current step, save, exit cleanly."""
 
+  _active: list = []  # nested: a signal during start-up reaches the training loop's
+
   def __init__(self):
     self.requested = False
     self._old = {}
 
   def __enter__(self):
+    self.requested = any(p.requested for p in _Preemption._active)
+    _Preemption._active.append(self)
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -420,10 +444,69 @@ class _Preemption:
     self.requested = True
 
   def __exit__(self, *exc):
+    _Preemption._active.remove(self)
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
 
+class _NonFiniteGuard:
+  """Watches the steps' `finite` metric: stops the run at the first non-finite step, or with
+  `skip_nonfinite_steps` = N > 0 (the step then left the state unchanged) after more than N
+  consecutive ones. `check` runs before anything is saved, so no checkpoint holds them."""
+
+  def __init__(self, allowed: int, ckpt: checkpointing.Checkpointer):
+    self.allowed, self.ckpt = allowed, ckpt
+    self.consecutive, self.checked, self.skipped = 0, 0, 0
+
+  def check(self, pending: list, done: int) -> None:
+    first = done - len(pending) + 1  # the step number of pending[0]
+    for i, m in enumerate(jax.device_get(pending[self.checked:]), start=self.checked):
+      if float(m["finite"]) >= 0.5:
+        self.consecutive = 0
+        continue
+      self.consecutive += 1
+      self.skipped += 1
+      if self.consecutive > self.allowed:
+        self.ckpt.close()
+        last = self.ckpt.latest_step()
+        kept = (f"the last good checkpoint, {self.ckpt.directory}/{last}, is intact and a rerun "
+                f"resumes from it" if last is not None else "no checkpoint had been saved")
+        what = (f"{self.consecutive} consecutive non-finite steps (skip_nonfinite_steps="
+                f"{self.allowed})" if self.allowed else "non-finite loss or parameters")
+        raise FloatingPointError(
+            f"{what} at step {first + i} (loss {float(m['loss'])}); stopped: {kept} (lower "
+            f"learning_rate, or set skip_nonfinite_steps)")
+      log.warning("step %d: non-finite loss or parameters; the step was skipped (%d in a row)",
+                  first + i, self.consecutive)
+    self.checked = len(pending)
+
+  def summarize(self, pending: list, done: int) -> dict:
+    """The interval's mean train metrics over the steps that were applied."""
+    self.check(pending, done)
+    self.checked = 0
+    rows = [m for m in jax.device_get(pending) if float(m["finite"]) >= 0.5]
+    out = {k: float(np.mean([m[k] for m in rows])) if rows else float("nan")
+           for k in pending[0] if k != "finite"}
+    if self.allowed:
+      out["skipped_steps"] = float(len(pending) - len(rows))
+    return out
+
+
+def _one_run_per_workdir(train: Callable) -> Callable:
+  """Checks the config, then holds `workdir`'s lock for the whole run (a second run on the
+  same workdir raises `checkpointing.WorkdirLocked`) and defers SIGTERM/SIGINT that arrive
+  during start-up to the training loop (which saves, then stops)."""
+
+  @functools.wraps(train)
+  def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate_config(config, jax.device_count())
+    with checkpointing.WorkdirLock(workdir, jax.process_index()), _Preemption():
+      return train(config, workdir)
+
+  return run
+
+
+@_one_run_per_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train, evaluate and checkpoint as `config` says; returns the final eval metrics (and
   `stopped_early` when a signal interrupted the run)."""
@@ -459,7 +542,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn = functools.partial(train_step, model=model, tx=tx,
                               aux_loss_weight=config.aux_loss_weight,
                               ema_decay=config.get("ema_decay", 0.0),
-                              label_smoothing=config.get("label_smoothing", 0.0))
+                              label_smoothing=config.get("label_smoothing", 0.0),
+                              skip_nonfinite=config.get("skip_nonfinite_steps", 0) > 0)
+  guard = _NonFiniteGuard(config.get("skip_nonfinite_steps", 0), ckpt)
   p_train = parallel.compile(step_fn, donate_state=True)
   p_eval = parallel.compile(functools.partial(eval_step, model=model,
                                               use_ema=config.get("eval_with_ema", False)))
@@ -481,13 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       images += config.batch_size
       done = step + 1
       if done % log_every == 0 or done == num_steps:
-        stacked = jax.device_get(pending)
-        train_metrics = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-        if not all(math.isfinite(v) for v in train_metrics.values()):
-          ckpt.close()
-          raise FloatingPointError(
-              f"non-finite training loss at step {done} ({train_metrics}); the last good "
-              f"checkpoint in {ckpt.directory} is kept (lower learning_rate?)")
+        train_metrics = guard.summarize(pending, done)
         train_metrics["images_per_sec"] = images / (time.time() - t0)
         writer.write(done, "train", train_metrics)
         if progress is not None:
@@ -497,6 +576,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending, t0, images = [], time.time(), 0
       if progress is not None:
         progress.update(1)
+      if done % eval_every == 0 or done % config.checkpoint_every_steps == 0:
+        guard.check(pending, done)  # nothing non-finite is saved
       if done % eval_every == 0 or done == num_steps:
         eval_metrics = evaluate(p_eval, state, source, config, parallel)
         writer.write(done, "eval", {k: v for k, v in eval_metrics.items() if k != "count"})
