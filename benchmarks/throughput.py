@@ -60,6 +60,8 @@ def parse_args(argv=None):
   p.add_argument("--no-compile-torch", action="store_true", help="skip torch.compile")
   p.add_argument("--torch-compile-train", action="store_true",
                  help="also time a torch.compile'd training step (minutes to compile on CPU)")
+  p.add_argument("--also-plain", action="store_true",
+                 help="also time the JAX step with fast_ops off (plain lax), interleaved")
   p.add_argument("--no-torch", action="store_true", help="JAX only (ratios are then absent)")
   p.add_argument("--pipeline", action="store_true",
                  help="also time the input pipeline alone (JPEG folder, inception crop)")
@@ -299,6 +301,12 @@ def run(args) -> dict:
              first_step_s=jb.first_step_s, jax_train_temp_gib=jb.train_temp_gib)
   variables = jax.device_get(jb.variables())
   runs = {"jax_train": jb.train, "jax_infer": jb.infer}
+  if args.also_plain:
+    print(f"[{time.strftime('%H:%M:%S')}] JAX, plain lax: compile ...", flush=True)
+    with fast_ops.use_fast_ops(False):
+      jp = JaxBench(args, config)
+    res.update(plain_compile_s=jp.compile_s, plain_infer_compile_s=jp.infer_compile_s)
+    runs.update(jaxplain_train=jp.train, jaxplain_infer=jp.infer)
   if not args.no_torch:
     print(f"[{time.strftime('%H:%M:%S')}] PyTorch: models ...", flush=True)
     modes = {"nchw": TorchBench(args, config, variables, False, False, False),
@@ -361,7 +369,7 @@ def table(res) -> str:
            f"{res['dtype']}, {res['backend']} ({res['device']}), fast_ops={res['fast_ops']}",
            "", "| implementation | train img/s | infer img/s | train MFU | infer MFU |",
            "|---|---|---|---|---|"]
-  names = [("jax", "JAX (this project)"), ("torch_nchw", "PyTorch eager NCHW"),
+  names = [("jax", "JAX (this project)"), ("jaxplain", "JAX, plain lax (fast_ops off)"), ("torch_nchw", "PyTorch eager NCHW"),
            ("torch_cl", "PyTorch eager channels_last"),
            ("torch_compile_cl", "PyTorch torch.compile channels_last")]
   for key, label in names:
@@ -390,6 +398,10 @@ def table(res) -> str:
                + (f"; model {res['train_gflop_per_img']:.2f} GFLOP/img train, "
                   f"{res['infer_gflop_per_img']:.2f} infer" if "train_gflop_per_img" in res
                   else ""))
+  if "plain_compile_s" in res:
+    lines.append(f"plain-lax JAX: train {res['jaxplain_train_img_s'] / res['torch_best_train_img_s']:.2f}x, "
+                 f"infer {res['jaxplain_infer_img_s'] / res['torch_best_infer_img_s']:.2f}x the best "
+                 f"PyTorch; compile {res['plain_compile_s']:.1f} s")
   if "pipeline_img_s" in res:
     lines.append(f"input pipeline alone: {res['pipeline_img_s']:.1f} img/s "
                  f"({res['pipeline_over_step']:.1f}x the JAX train step)")
