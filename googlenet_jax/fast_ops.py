@@ -93,9 +93,11 @@ def wgrad_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   n = _chunks(m)
   if n == 1:
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+  out = jnp.result_type(a, b)
+  acc = jnp.promote_types(out, jnp.float32)  # sum the partial products in >= float32
   parts = lax.dot_general(a.reshape(n, m // n, a.shape[1]), b.reshape(n, m // n, b.shape[1]),
-                          (((1,), (1,)), ((0,), (0,))))
-  return parts.sum(0)
+                          (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc)
+  return parts.sum(0).astype(out)
 
 
 # --------------------------------------------------------------------------------------------

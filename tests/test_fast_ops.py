@@ -66,6 +66,16 @@ def test_conv_float64_is_exact_to_float64_rounding():
       assert g.dtype == jnp.float64 and rel_err(g, r) <= 1e-12
 
 
+def test_conv_bfloat16_close_to_float32():
+  x, w = _rand((1, 64, 8, 8), 0), _rand((3, 3, 8, 4), 1)
+  dy = _rand((1, 64, 8, 4), 2)
+  ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, dy)
+  bf = lambda t: t.astype(jnp.bfloat16)
+  got = _value_and_grads(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True), bf(x), bf(w), bf(dy))
+  for g, r in zip(got, ref):
+    assert g.dtype == jnp.bfloat16 and rel_err(g.astype(jnp.float32), r) <= 2e-2
+
+
 POOL_CASES = [  # (size, window, stride, padding, ceil_mode)
     (8, 3, 1, 1, False),   # the Inception blocks' 3x3/1 pad 1
     (112, 3, 2, 0, True),  # classic/torchvision stage pools: ceil mode, last window partial
