@@ -10,7 +10,8 @@ functions here compute the same values with matrix products that XLA:CPU runs we
   gradient is one dot per kernel tap (shifted views of the input against the output gradient).
   Every weight-gradient dot splits its long contraction axis into chunks, run as one batched
   dot and summed: XLA:CPU parallelises a dot over its output, and a (C_in x C_out) output is too
-  small to keep more than one core busy.
+  small to keep more than one core busy. A strided convolution on few channels (the 7x7/2 stem
+  on RGB) first becomes a stride-1 one on space-to-depth channels (`space_to_depth_conv`).
 - `max_pool`: forward as `lax.reduce_window`; the VJP routes each output gradient to the first
   maximum of its window in row-major window order -- what XLA's select-and-scatter with `ge`
   (the VJP of `lax.reduce_window` max) and PyTorch's max pool do -- with shifted views instead
