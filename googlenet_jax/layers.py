@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from googlenet_jax import fast_ops
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 Padding = Union[int, str]  # an explicit symmetric amount, or "SAME"
@@ -50,12 +52,12 @@ def out_size(size: int, window: int, stride: int, padding: Padding,
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: Padding = 0,
-             ceil_mode: bool = False) -> jax.Array:
-  """Max pool whose padding never wins (it is -inf), as in PyTorch, Caffe and TF."""
+             ceil_mode: bool = False, fast: Optional[bool] = None) -> jax.Array:
+  """Max pool whose padding never wins (it is -inf), as in PyTorch, Caffe and TF.
+
+  `fast` picks the gradient implementation (`fast_ops.enabled`); the values are the same."""
   pads = [pool_padding(n, window, stride, padding, ceil_mode) for n in x.shape[1:3]]
-  return lax.reduce_window(
-      x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), *pads, (0, 0)))
+  return fast_ops.max_pool(x, window, stride, pads, fast=fast)
 
 
 def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
@@ -106,6 +108,7 @@ class Conv(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  fast_ops: Optional[bool] = None  # None: per backend (`fast_ops.enabled`); False: plain lax
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,12 +118,7 @@ class Conv(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if self.padding == "SAME":
-      pads = "SAME"
-    else:
-      pads = ((self.padding, self.padding), (self.padding, self.padding))
-    y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), pads,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = fast_ops.conv2d(x, kernel, self.stride, self.padding, fast=self.fast_ops)
     if bias is not None:
       y = y + bias
     return y
@@ -184,6 +182,7 @@ class ConvUnit(nn.Module):
   bias_init_for_fan_in: Callable[[int], Initializer] = lambda fan_in: nn.initializers.zeros
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  fast_ops: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -191,7 +190,7 @@ class ConvUnit(nn.Module):
     bias_init = self.bias_init_for_fan_in(x.shape[-1] * self.kernel_size ** 2)
     x = Conv(self.features, self.kernel_size, self.stride, padding, use_bias=not self.batch_norm,
              kernel_init=self.kernel_init, bias_init=bias_init, dtype=self.dtype,
-             param_dtype=self.param_dtype, name="conv")(x)
+             param_dtype=self.param_dtype, fast_ops=self.fast_ops, name="conv")(x)
     if self.batch_norm:
       x = BatchNorm(epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="bn")(x, use_running_average=not train)

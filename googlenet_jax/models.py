@@ -123,6 +123,7 @@ class InceptionBlock(nn.Module):
   spec: V.Inception
   conv: ModuleDef  # a ConvUnit with the layout's normalisation, padding and initialisers
   conv_5x5_kernel: int = 5
+  fast_ops: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -133,7 +134,7 @@ class InceptionBlock(nn.Module):
     branch_5x5 = self.conv(s.conv_5x5_reduce, 1, name="conv_5x5_reduce")(x, train)
     branch_5x5 = self.conv(s.conv_5x5, self.conv_5x5_kernel, name="conv_5x5")(branch_5x5, train)
     # 3x3/1 max pool, padding 1 (the same as 'SAME' at stride 1, and as torchvision's ceil_mode).
-    pooled = layers.max_pool(x, 3, 1, padding=1)
+    pooled = layers.max_pool(x, 3, 1, padding=1, fast=self.fast_ops)
     branch_pool = self.conv(s.pool_proj, 1, name="pool_proj")(pooled, train)
     return jnp.concatenate([branch_1x1, branch_3x3, branch_5x5, branch_pool], axis=-1)
 
@@ -179,6 +180,9 @@ class GoogLeNet(nn.Module):
     dtype: compute dtype (e.g. bfloat16, or float64 under `jax_enable_x64`).
     param_dtype: dtype of freshly initialised parameters.
     bn_axis_name: mapped axis to average BatchNorm statistics over (cross-replica BatchNorm).
+    fast_ops: convolution / max-pool implementation: None picks per backend (the matrix-product
+      paths of `fast_ops` on CPU, native XLA kernels elsewhere), True/False force them on/off.
+      Same parameters and (to rounding) the same values either way.
   """
   variant: str = "classic"
   num_classes: int = 1000
@@ -189,6 +193,7 @@ class GoogLeNet(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  fast_ops: Optional[bool] = None
 
   @property
   def layout(self) -> V.Layout:
@@ -253,7 +258,7 @@ class GoogLeNet(nn.Module):
         layers.ConvUnit, same_padding=layout.same_padding, batch_norm=layout.batch_norm,
         bn_epsilon=layout.bn_epsilon, bn_axis_name=self.bn_axis_name,
         kernel_init=init.conv_kernel, bias_init_for_fan_in=init.bias, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        param_dtype=self.param_dtype, fast_ops=self.fast_ops)
 
     if self.transform_input:
       scale = jnp.asarray([s / 0.5 for s in _IMAGENET_STD], x.dtype)
@@ -267,12 +272,13 @@ class GoogLeNet(nn.Module):
       if isinstance(row, V.Conv):
         x = conv(row.features, row.kernel, row.stride, name=row.name)(x, train)
       elif isinstance(row, V.MaxPool):
-        x = layers.max_pool(x, *stage_pool(layout, row.name))
+        x = layers.max_pool(x, *stage_pool(layout, row.name), fast=self.fast_ops)
       elif isinstance(row, V.LRN):
         if layout.lrn:
           x = layers.local_response_norm(x)
       elif isinstance(row, V.Inception):
-        x = InceptionBlock(row, conv, layout.conv_5x5_kernel, name=row.name)(x, train)
+        x = InceptionBlock(row, conv, layout.conv_5x5_kernel, self.fast_ops,
+                           name=row.name)(x, train)
       elif isinstance(row, V.AuxTap) and run_aux:
         tap = x
         if initializing and not _aux_input_ok(layout, x.shape[1:3]):

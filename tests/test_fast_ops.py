@@ -1,0 +1,151 @@
+"""The fast (matrix-product) convolution and max-pool paths against plain lax: values and
+gradients on random inputs, every padding/stride the layouts use, and ties in max pools."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from googlenet_jax import fast_ops, layers
+from googlenet_jax.models import GoogLeNet
+from helpers import rel_err
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.RandomState(seed).randn(*shape).astype(np.float32))
+
+
+def _lax_conv(x, w, stride, padding):
+  pads = "SAME" if padding == "SAME" else ((padding, padding), (padding, padding))
+  return lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _value_and_grads(f, x, w, dy):
+  y, vjp = jax.vjp(f, x, w)
+  return (y, *vjp(dy))
+
+
+CONV_CASES = [  # (batch, size, c_in, c_out, kernel, stride, padding)
+    (2, 9, 16, 8, 1, 1, 0),       # 1x1 as a dot
+    (3, 8, 5, 7, 3, 1, 1),        # 3x3, few channels (grouped taps)
+    (2, 9, 70, 6, 3, 1, 1),       # 3x3, one tap per dot
+    (2, 7, 4, 6, 5, 1, 2),        # 5x5
+    (2, 23, 3, 8, 7, 2, 3),       # the stem: 7x7/2 on an odd size
+    (2, 24, 3, 8, 7, 2, "SAME"),  # keras: SAME padding, asymmetric at stride 2
+    (2, 10, 4, 5, 5, 1, "SAME"),
+    (2, 5, 6, 4, 1, 1, "SAME"),
+    (1, 64, 8, 4, 1, 1, 0),       # long contraction: chunked weight-gradient dot
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_values_and_gradients_match_lax(case):
+  n, size, ci, co, k, stride, padding = case
+  x, w = _rand((n, size, size, ci), 0), _rand((k, k, ci, co), 1)
+  y_ref = _lax_conv(x, w, stride, padding)
+  dy = _rand(y_ref.shape, 2)
+  ref = jax.jit(lambda x, w, dy: _value_and_grads(
+      lambda a, b: _lax_conv(a, b, stride, padding), x, w, dy))(x, w, dy)
+  got = jax.jit(lambda x, w, dy: _value_and_grads(
+      lambda a, b: fast_ops.conv2d(a, b, stride, padding, fast=True), x, w, dy))(x, w, dy)
+  for g, r, name in zip(got, ref, ("y", "dx", "dw")):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    assert rel_err(g, r) <= 1e-5, name
+
+
+def test_conv_float64_is_exact_to_float64_rounding():
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 11, 11, 5))
+    w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 5, 4))
+    dy = jnp.asarray(np.random.RandomState(2).randn(2, 11, 11, 4))
+    ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, dy)
+    got = _value_and_grads(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True), x, w, dy)
+    for g, r in zip(got, ref):
+      assert g.dtype == jnp.float64 and rel_err(g, r) <= 1e-12
+
+
+def test_conv_bfloat16_close_to_float32():
+  x, w = _rand((1, 64, 8, 8), 0), _rand((3, 3, 8, 4), 1)
+  dy = _rand((1, 64, 8, 4), 2)
+  ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, dy)
+  bf = lambda t: t.astype(jnp.bfloat16)
+  got = _value_and_grads(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True), bf(x), bf(w), bf(dy))
+  for g, r in zip(got, ref):
+    assert g.dtype == jnp.bfloat16 and rel_err(g.astype(jnp.float32), r) <= 2e-2
+
+
+POOL_CASES = [  # (size, window, stride, padding, ceil_mode)
+    (8, 3, 1, 1, False),   # the Inception blocks' 3x3/1 pad 1
+    (112, 3, 2, 0, True),  # classic/torchvision stage pools: ceil mode, last window partial
+    (13, 3, 2, 0, True),
+    (14, 3, 2, 0, True),
+    (14, 2, 2, 0, True),   # torchvision's 2x2/2 before 5a
+    (7, 2, 2, 0, True),    # ceil mode on an odd size: a window of one real pixel
+    (12, 3, 2, 1, False),  # d2l: padding 1, floor
+    (12, 3, 2, "SAME", False),
+    (11, 3, 2, "SAME", False),
+]
+
+
+def _pool_grads(x, dy, *args, fast):
+  return _value_and_grads(lambda a, _: layers.max_pool(a, *args, fast=fast), x, None, dy)[:2]
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_values_and_gradients_match_lax(case, ties):
+  size, window, stride, padding, ceil_mode = case
+  x = _rand((2, size, size, 3), 3)
+  if ties:  # few distinct values: most windows hold several maxima
+    x = jnp.round(x)
+  y = layers.max_pool(x, window, stride, padding, ceil_mode, fast=False)
+  dy = _rand(y.shape, 4)
+  args = (window, stride, padding, ceil_mode)
+  ref = jax.jit(lambda x, dy: _pool_grads(x, dy, *args, fast=False))(x, dy)
+  got = jax.jit(lambda x, dy: _pool_grads(x, dy, *args, fast=True))(x, dy)
+  np.testing.assert_array_equal(got[0], ref[0])
+  # Each output gradient goes to the same single input position (a wrong routing is an O(1)
+  # error); overlapping windows may add their contributions in another order.
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_tie_goes_to_first_maximum_in_window_order():
+  x = jnp.ones((1, 3, 3, 1))
+  dy = jnp.ones((1, 1, 1, 1))
+  for fast in (False, True):
+    _, vjp = jax.vjp(lambda a: layers.max_pool(a, 3, 1, 0, fast=fast), x)
+    dx = vjp(dy)[0][0, :, :, 0]
+    expected = np.zeros((3, 3))
+    expected[0, 0] = 1.0  # like PyTorch: the first maximum in row-major window order
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_switch_and_default():
+  assert fast_ops.enabled() == (jax.default_backend() == "cpu")
+  with fast_ops.use_fast_ops(False):
+    assert not fast_ops.enabled()
+    assert fast_ops.enabled(True)
+  assert fast_ops.enabled(False) is False
+
+
+@pytest.mark.slow
+def test_network_same_parameters_and_outputs_with_and_without_fast_ops():
+  x = _rand((2, 48, 48, 3), 5)
+  fast, plain = (GoogLeNet(num_classes=7, aux_logits=False, fast_ops=f) for f in (True, False))
+  variables = jax.jit(plain.init)(jax.random.key(0), x)
+  assert (jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x))
+          == jax.tree.structure(variables))
+
+  def loss(params, model):
+    out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    return (out * jnp.arange(7.0)).sum(), out
+
+  (l1, y1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, fast), has_aux=True))(
+      variables["params"])
+  (l2, y2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, plain), has_aux=True))(
+      variables["params"])
+  assert rel_err(y1, y2) <= 1e-5
+  flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
+  assert rel_err(flat(g1), flat(g2)) <= 1e-4
