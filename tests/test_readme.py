@@ -61,6 +61,10 @@ COMMANDS = {
     "--config.init_from=runs/torchvision_imagenet --config.normalize=imagenet "
     "--config.transform_input=true": Run(*TINY_TRAIN),
     "python -m googlenet_jax.summary --variant paper --size 224": Run(),
+    "python benchmarks/throughput.py --variant classic --batch 32 --size 224 "
+    "--json runs/bench.json": Elsewhere(
+        "takes ~8 minutes; the same script runs tiny (all JSON keys checked)",
+        "tests/test_benchmark.py::test_tiny_run_writes_all_stable_keys"),
     "tfds build imagenet2012 --data_dir ~/tensorflow_datasets --manual_dir ~/imagenet_archives":
         Elsewhere("TFDS's own tool, needs the ImageNet archives; train.py prints this command "
                   "for an unprepared dataset",
