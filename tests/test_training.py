@@ -118,25 +118,25 @@ def test_cross_replica_batchnorm_gradients_match_one_device_in_float64():
     assert np.linalg.norm(flat(stats) - flat(ref_stats)) <= 1e-8 * np.linalg.norm(flat(ref_stats))
 
 
-@pytest.mark.slow  # a third compilation of the step (about a minute)
-def test_half_precision_computes_in_bfloat16_and_keeps_float32_params(batches, single_device):
+@pytest.mark.slow  # two more compilations of the step (about a minute each)
+def test_half_precision_computes_in_bfloat16_and_keeps_float32_params(batches):
   config = _config(half_precision=True)
   model = training.create_model(config, num_classes=10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
       variables, jnp.zeros((2, 64, 64, 3))))
-  assert "conv_general_dilated" in jaxpr or "dot_general" in jaxpr
   assert "bf16[2,32,32,64]" in jaxpr, "the stem should run in bfloat16"
-  state, losses = _run("pmap", jax.devices(), config, batches)
-  ref_state, ref_losses = single_device
+  # One step: these random-label steps diverge (loss 31 -> 29,000 in three), which would
+  # amplify bfloat16's rounding far beyond what it is.
+  state, losses = _run("pmap", jax.devices(), config, batches[:1])
+  ref_state, ref_losses = _run("pmap", jax.devices(), _config(), batches[:1])
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
              if jnp.issubdtype(x.dtype, jnp.floating))
-  # bfloat16 keeps 8 bits of mantissa: the same training, to bf16 accuracy
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)  # bf16: 8 bits of mantissa
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
-  moved = flat(ref_state.params) - flat(training.create_train_state(
-      model, optax.sgd(0.1), config, (1, 64, 64, 3)).params)
-  # the bf16 run's update follows the float32 run's (relative to how far the params moved)
+  init = training.create_train_state(model, optax.sgd(0.1), config, (1, 64, 64, 3))
+  moved = flat(ref_state.params) - flat(init.params)
+  # the bf16 step's update follows the float32 step's
   diff = flat(state.params) - flat(ref_state.params)
   assert np.linalg.norm(diff) < 0.1 * np.linalg.norm(moved)
