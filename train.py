@@ -67,15 +67,8 @@ def main(argv):
   from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
   from googlenet_jax.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  ours = logging.getLogger("googlenet_jax")
-  ours.setLevel(logging.INFO)
-  if not ours.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    ours.addHandler(handler)
-    ours.propagate = False
+  from googlenet_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.configure_logging("%(asctime)s %(levelname)s %(message)s", libraries=logging.WARNING)
   try:
     result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, DatasetError, FloatingPointError, WorkdirLocked) as e:

@@ -13,17 +13,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 USAGE_ERROR = 2
 
 
-def setup() -> None:
-  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at WARNING; JAX_CACHE_DIR on."""
+def configure_logging(fmt: str = "%(levelname)s %(message)s", libraries: int = logging.ERROR
+                      ) -> None:
+  """Our messages (logger "googlenet_jax") at INFO on stderr; absl's (Orbax, TFDS) at
+  `libraries` and above."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.ERROR)
+  absl_logging.set_verbosity({logging.WARNING: absl_logging.WARNING}.get(
+      libraries, absl_logging.ERROR))
   ours = logging.getLogger("googlenet_jax")
   ours.setLevel(logging.INFO)
   if not ours.handlers:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(fmt))
     ours.addHandler(handler)
     ours.propagate = False
+
+
+def setup() -> None:
+  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR; JAX_CACHE_DIR on."""
+  configure_logging()
   cache = os.environ.get("JAX_CACHE_DIR")
   if cache:
     import jax  # pylint: disable=import-outside-toplevel
