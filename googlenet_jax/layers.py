@@ -60,11 +60,10 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: Padding = 0,
   return fast_ops.max_pool(x, window, stride, pads, fast=fast)
 
 
-def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """Unpadded average pool (the aux heads' 5x5/3, the paper's 7x7/1 head)."""
-  summed = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1),
-                             (1, stride, stride, 1), "VALID")
-  return summed / (window * window)
+def avg_pool(x: jax.Array, window: int, stride: int, fast: Optional[bool] = None) -> jax.Array:
+  """Unpadded average pool (the aux heads' 5x5/3, the paper's 7x7/1 head); `fast` picks the
+  gradient implementation (`fast_ops.enabled`)."""
+  return fast_ops.avg_pool(x, window, stride, fast=fast)
 
 
 @functools.lru_cache(maxsize=None)

@@ -148,13 +148,14 @@ class AuxHead(nn.Module):
   init: Initializers
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  fast_ops: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, deterministic: bool) -> jax.Array:
     if self.layout.aux_pool == "adaptive4":
       x = layers.adaptive_avg_pool(x, 4)
     else:
-      x = layers.avg_pool(x, 5, 3)
+      x = layers.avg_pool(x, 5, 3, fast=self.fast_ops)
     x = self.conv(V.AUX_CONV_FEATURES, 1, name="conv")(x, train)
     # Flattened in NHWC order; the PyTorch converters permute fc1's (c, h, w) rows to match.
     x = x.reshape(x.shape[0], -1)
@@ -285,11 +286,11 @@ class GoogLeNet(nn.Module):
           # Initialised at a size the aux heads cannot take: build them on a 14x14 map.
           tap = jnp.zeros((x.shape[0], 14, 14, x.shape[-1]), x.dtype)
         aux[row.name] = AuxHead(self.num_classes, layout, conv, aux_dropout, init,
-                                self.dtype, self.param_dtype, name=row.name)(
+                                self.dtype, self.param_dtype, self.fast_ops, name=row.name)(
                                     tap, train, deterministic)
 
     if layout.head_pool == "avg7":
-      x = layers.avg_pool(x, 7, 1).reshape(x.shape[0], -1)
+      x = layers.avg_pool(x, 7, 1, fast=self.fast_ops).reshape(x.shape[0], -1)
     else:
       x = x.mean(axis=(1, 2))
     x = nn.Dropout(dropout)(x, deterministic=deterministic)

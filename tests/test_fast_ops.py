@@ -40,6 +40,13 @@ CONV_CASES = [  # (batch, size, c_in, c_out, kernel, stride, padding)
 ]
 
 
+@pytest.fixture(autouse=True)
+def weight_gradients_by_taps(monkeypatch):
+  """The test shapes are small: make every k x k weight gradient take the tap-dot path (the
+  default keeps XLA's kernel below TAPS_MIN_OUTPUT_PIXELS; `test_small_maps_...` checks it)."""
+  monkeypatch.setattr(fast_ops, "TAPS_MIN_OUTPUT_PIXELS", 0)
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_values_and_gradients_match_lax(case):
   n, size, ci, co, k, stride, padding = case
@@ -53,6 +60,19 @@ def test_conv_values_and_gradients_match_lax(case):
   for g, r, name in zip(got, ref, ("y", "dx", "dw")):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     assert rel_err(g, r) <= 1e-5, name
+
+
+def test_small_maps_keep_xlas_weight_gradient(monkeypatch):
+  monkeypatch.setattr(fast_ops, "TAPS_MIN_OUTPUT_PIXELS", 10 * 10)
+  for size, taps in ((9, False), (10, True)):
+    x, w = _rand((2, size, size, 4), 0), _rand((3, 3, 4, 5), 1)
+    f = lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](jnp.ones((2, size, size, 5))))(x, w))
+    assert ("dot_general" in jaxpr) == taps, size
+    got = _value_and_grads(f, x, w, jnp.ones((2, size, size, 5)))
+    ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, jnp.ones((2, size, size, 5)))
+    for g, r in zip(got, ref):
+      assert rel_err(g, r) <= 1e-5
 
 
 def test_conv_float64_is_exact_to_float64_rounding():
@@ -86,6 +106,8 @@ POOL_CASES = [  # (size, window, stride, padding, ceil_mode)
     (12, 3, 2, 1, False),  # d2l: padding 1, floor
     (12, 3, 2, "SAME", False),
     (11, 3, 2, "SAME", False),
+    (16, 3, 3, 1, True),   # stride 3: 9 phases
+    (9, 2, 3, 0, True),    # window smaller than the stride: phases no window reaches
 ]
 
 
@@ -109,6 +131,19 @@ def test_max_pool_values_and_gradients_match_lax(case, ties):
   # Each output gradient goes to the same single input position (a wrong routing is an O(1)
   # error); overlapping windows may add their contributions in another order.
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,window,stride", [(14, 5, 3), (13, 5, 3), (7, 7, 1), (9, 3, 2)])
+def test_avg_pool_values_and_gradients_match_lax(size, window, stride):
+  x = _rand((2, size, size, 5), 6)
+  def lax_avg(a):
+    return lax.reduce_window(a, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
+                             "VALID") / window ** 2
+  y_ref, vjp_ref = jax.vjp(lax_avg, x)
+  y, vjp = jax.vjp(lambda a: fast_ops.avg_pool(a, window, stride, fast=True), x)
+  dy = _rand(y_ref.shape, 7)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(vjp(dy)[0], vjp_ref(dy)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_max_pool_tie_goes_to_first_maximum_in_window_order():
