@@ -59,15 +59,12 @@ def main(argv):
   if FLAGS.coordinator_address or FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  cache = os.environ.get("JAX_CACHE_DIR")
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  from googlenet_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.enable_compilation_cache()
   from googlenet_jax import training  # pylint: disable=import-outside-toplevel
   from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
   from googlenet_jax.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
-  from googlenet_jax import cli  # pylint: disable=import-outside-toplevel
   cli.configure_logging("%(asctime)s %(levelname)s %(message)s", libraries=logging.WARNING)
   try:
     result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)

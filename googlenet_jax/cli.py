@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,14 +30,26 @@ def configure_logging(fmt: str = "%(levelname)s %(message)s", libraries: int = l
     ours.propagate = False
 
 
-def setup() -> None:
-  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR; JAX_CACHE_DIR on."""
-  configure_logging()
+def enable_compilation_cache() -> Optional[str]:
+  """Turns on JAX's persistent compilation cache, in $JAX_CACHE_DIR or else
+  ~/.cache/googlenet_jax/xla (`JAX_CACHE_DIR=off` leaves it off). A resumed or repeated run
+  then loads its compiled steps instead of compiling them again (classic 224x224 train step on
+  XLA:CPU: ~25 s cold, ~1 s from the cache). Returns the directory used, or None."""
   cache = os.environ.get("JAX_CACHE_DIR")
-  if cache:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if cache is None:
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "googlenet_jax", "xla")
+  if cache.strip().lower() in ("", "0", "off", "none"):
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return cache
+
+
+def setup() -> None:
+  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR; compilation cache on."""
+  configure_logging()
+  enable_compilation_cache()
 
 
 def fail(message: str) -> None:
