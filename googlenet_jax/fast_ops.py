@@ -243,54 +243,65 @@ def _max_pool(x, window, stride, pads):
 
 
 def _max_pool_fwd(x, window, stride, pads):
-  y = _separable_max_pool(x, window, stride, pads)
-  return y, (x, y)
+  return _separable_max_pool(x, window, stride, pads), x
 
 
-def _max_pool_bwd(window, stride, pads, res, dy):
-  x, y = res
+def _max_pool_bwd(window, stride, pads, x, dy):
   if stride == 1:
-    return (_max_pool_bwd_shifted(x, y, dy, window, pads),)
-  return (_max_pool_bwd_phases(x, y, dy, window, stride, pads),)
+    return (_max_pool_bwd_shifted(x, dy, window, pads),)
+  return (_max_pool_bwd_phases(x, dy, window, stride, pads),)
 
 
-def _max_pool_bwd_shifted(x, y, dy, window, pads):
+def _window_winner(xp, window: int, stride: int, out_hw) -> jax.Array:
+  """Index (row-major) of the first maximum in each window of the padded input, int16.
+
+  A running strict maximum over the taps in window order, not `x == y` against the forward's
+  output: XLA may recompute x inside a backward fusion with other rounding than the forward
+  saw (seen in float64 after BatchNorm), and an equality test then routes gradients nowhere."""
+  ho, wo = out_hw
+  best, winner = None, None
+  for tap in range(window * window):
+    i, j = divmod(tap, window)
+    view = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+    if best is None:
+      best, winner = view, jnp.zeros(view.shape, jnp.int16)
+    else:
+      better = view > best
+      best = jnp.where(better, view, best)
+      winner = jnp.where(better, jnp.int16(tap), winner)
+  return winner
+
+
+def _max_pool_bwd_shifted(x, dy, window, pads):
   """Stride 1: each tap's share of the gradient, padded back to input size and added."""
   h, w = x.shape[1:3]
-  ho, wo = y.shape[1:3]
+  ho, wo = dy.shape[1:3]
   (plo, phi), (qlo, qhi) = pads
   xp = jnp.pad(x, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)), constant_values=-jnp.inf)
   hp, wp = h + plo + phi, w + qlo + qhi
-  found = jnp.zeros(y.shape, bool)
+  winner = _window_winner(xp, window, 1, (ho, wo))
   dxp = jnp.zeros(xp.shape, dy.dtype)
   zero = jnp.zeros((), dy.dtype)
-  for i in range(window):
-    for j in range(window):
-      hit = (xp[:, i:i + ho, j:j + wo, :] == y) & ~found
-      found = found | hit
-      g = jnp.where(hit, dy, zero)
-      dxp = dxp + jnp.pad(g, ((0, 0), (i, hp - i - ho), (j, wp - j - wo), (0, 0)))
+  for tap in range(window * window):
+    i, j = divmod(tap, window)
+    g = jnp.where(winner == tap, dy, zero)
+    dxp = dxp + jnp.pad(g, ((0, 0), (i, hp - i - ho), (j, wp - j - wo), (0, 0)))
   return dxp[:, plo:plo + h, qlo:qlo + w, :]
 
 
-def _max_pool_bwd_phases(x, y, dy, window, stride, pads):
+def _max_pool_bwd_phases(x, dy, window, stride, pads):
   """Stride s > 1: input row s*q + a receives from taps i = a + s*m of window q - m, so each of
   the s*s phases of the (padded) input is a sum of shifted, output-sized selections of dy; the
   phases are then interleaved by one stack + reshape. ~4x less memory traffic than padding
   every tap's contribution to input size."""
   n, h, w, c = x.shape
-  ho, wo = y.shape[1:3]
+  ho, wo = dy.shape[1:3]
   k, s = window, stride
   (plo, phi), (qlo, qhi) = pads
   hq, wq = -(-(h + plo + phi) // s), -(-(w + qlo + qhi) // s)  # phase sizes
   xp = jnp.pad(x, ((0, 0), (plo, hq * s - h - plo), (qlo, wq * s - w - qlo), (0, 0)),
                constant_values=-jnp.inf)
-  # The winning tap of each window: the first maximum in row-major window order.
-  winner = jnp.full(y.shape, k * k, jnp.int16)
-  for tap in reversed(range(k * k)):
-    i, j = divmod(tap, k)
-    view = xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
-    winner = jnp.where(view == y, jnp.int16(tap), winner)
+  winner = _window_winner(xp, k, s, (ho, wo))
   zero = jnp.zeros((), dy.dtype)
   rows = []
   for a in range(s):
