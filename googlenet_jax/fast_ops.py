@@ -335,8 +335,9 @@ def _avg_matrix(size: int, window: int, stride: int, dtype) -> jax.Array:
 
 
 def _native_avg_pool(x, window, stride):
-  summed = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, (1, window, window, 1),
-                             (1, stride, stride, 1), "VALID")
+  # A Python 0.0 init keeps this JAX's differentiable reduce_window_sum.
+  summed = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
+                             "VALID")
   return summed / (window * window)
 
 

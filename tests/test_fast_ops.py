@@ -133,14 +133,15 @@ def test_max_pool_values_and_gradients_match_lax(case, ties):
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("size,window,stride", [(14, 5, 3), (13, 5, 3), (7, 7, 1), (9, 3, 2)])
-def test_avg_pool_values_and_gradients_match_lax(size, window, stride):
+def test_avg_pool_values_and_gradients_match_lax(size, window, stride, fast):
   x = _rand((2, size, size, 5), 6)
   def lax_avg(a):
     return lax.reduce_window(a, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
                              "VALID") / window ** 2
   y_ref, vjp_ref = jax.vjp(lax_avg, x)
-  y, vjp = jax.vjp(lambda a: fast_ops.avg_pool(a, window, stride, fast=True), x)
+  y, vjp = jax.vjp(lambda a: fast_ops.avg_pool(a, window, stride, fast=fast), x)
   dy = _rand(y_ref.shape, 7)
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(vjp(dy)[0], vjp_ref(dy)[0], rtol=1e-6, atol=1e-6)
