@@ -347,12 +347,14 @@ def _avg_pool(x, window, stride):
 
 
 def _avg_pool_fwd(x, window, stride):
-  return _native_avg_pool(x, window, stride), x.shape
+  # The residuals are the two pooling matrices (out x in per axis, a few hundred numbers).
+  mh = _avg_matrix(x.shape[1], window, stride, x.dtype)
+  mw = _avg_matrix(x.shape[2], window, stride, x.dtype)
+  return _native_avg_pool(x, window, stride), (mh, mw)
 
 
-def _avg_pool_bwd(window, stride, shape, dy):
-  mh = _avg_matrix(shape[1], window, stride, dy.dtype)
-  mw = _avg_matrix(shape[2], window, stride, dy.dtype)
+def _avg_pool_bwd(window, stride, matrices, dy):
+  mh, mw = matrices
   return (jnp.einsum("oh,nopc,pw->nhwc", mh, dy, mw),)
 
 
