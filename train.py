@@ -51,6 +51,10 @@ def main(argv):
     print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
           file=sys.stderr)
     sys.exit(2)
+  # Before JAX starts its threads: reuse freed host memory (XLA:CPU's per-step temporaries
+  # would otherwise be page-faulted in anew every step; GOOGLENET_JAX_HOST_MALLOC=system: off).
+  from googlenet_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.reuse_freed_memory()
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)

@@ -14,6 +14,8 @@ machine hits all of them alike):
 Reported: median img/s over the rounds, JAX / best-PyTorch ratios, the first-step compile time,
 peak memory and the load average (the machine may be shared: read the ratios).
 On a GPU the same script runs in bfloat16 (JAX half_precision, PyTorch autocast).
+The process reuses freed host memory as train.py does (`googlenet_jax.host_memory`; both
+frameworks gain from it, JAX more); --system-malloc keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from googlenet_jax import convert, fast_ops, training  # noqa: E402
+from googlenet_jax import convert, fast_ops, host_memory, training  # noqa: E402
 
 STABLE_KEYS = ("jax_train_img_s", "jax_infer_img_s", "torch_nchw_train_img_s",
                "torch_nchw_infer_img_s", "torch_best_train_img_s", "torch_best_infer_img_s",
@@ -66,6 +68,9 @@ def parse_args(argv=None):
   p.add_argument("--pipeline", action="store_true",
                  help="also time the input pipeline alone (JPEG folder, inception crop)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
+  p.add_argument("--system-malloc", action="store_true",
+                 help="keep glibc's default malloc (by default the process reuses freed memory "
+                      "as train.py does: googlenet_jax.host_memory; it applies to both frameworks)")
   p.add_argument("--json", help="write the figures here")
   return p.parse_args(argv)
 
@@ -294,7 +299,8 @@ def run(args) -> dict:
   res = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
          "dtype": "bfloat16" if gpu else "float32", "variant": args.variant,
          "batch": args.batch, "size": args.size, "fast_ops": fast_ops.enabled(),
-         "jax_version": jax.__version__, "torch_version": torch.__version__}
+         "jax_version": jax.__version__, "torch_version": torch.__version__,
+         "host_malloc_reused": host_memory.applied()}
   print(f"[{time.strftime('%H:%M:%S')}] JAX: init + compile ...", flush=True)
   jb = JaxBench(args, config)
   res.update(init_s=jb.init_s, compile_s=jb.compile_s, infer_compile_s=jb.infer_compile_s,
@@ -366,7 +372,8 @@ def run(args) -> dict:
 
 def table(res) -> str:
   lines = [f"GoogLeNet {res['variant']}, batch {res['batch']}, {res['size']}x{res['size']}, "
-           f"{res['dtype']}, {res['backend']} ({res['device']}), fast_ops={res['fast_ops']}",
+           f"{res['dtype']}, {res['backend']} ({res['device']}), fast_ops={res['fast_ops']}, "
+           f"host malloc {'reused' if res.get('host_malloc_reused') else 'system default'}",
            "", "| implementation | train img/s | infer img/s | train MFU | infer MFU |",
            "|---|---|---|---|---|"]
   names = [("jax", "JAX (this project)"), ("jaxplain", "JAX, plain lax (fast_ops off)"), ("torch_nchw", "PyTorch eager NCHW"),
@@ -413,6 +420,8 @@ def table(res) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
+  if not args.system_malloc:  # before JAX's and PyTorch's threads first allocate
+    host_memory.reuse_freed_memory()
   res = run(args)
   print(table(res))
   if args.json:

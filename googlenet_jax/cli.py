@@ -1,5 +1,5 @@
 """Shared set-up of the command-line tools (predict, evaluate, convert, summary): quiet logs,
-the compilation cache, and user errors as one line on stderr with exit status 2."""
+the compilation cache, host-memory reuse, and user errors as one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ def enable_compilation_cache() -> Optional[str]:
 
 
 def setup() -> None:
-  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR; compilation cache on."""
+  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR; compilation cache on;
+  freed host memory reused (`host_memory.reuse_freed_memory`)."""
+  from googlenet_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.reuse_freed_memory()
   configure_logging()
   enable_compilation_cache()
 
