@@ -31,7 +31,7 @@ _PROBE = textwrap.dedent("""
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
     print(json.dumps({"applied": applied, "faults": sorted(faults), "temp": temp,
-                      "async": jax.config.jax_cpu_enable_async_dispatch}))
+                      "async": jax.config.values["jax_cpu_enable_async_dispatch"]}))
 """)
 
 
