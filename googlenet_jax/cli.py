@@ -1,5 +1,6 @@
 """Shared set-up of the command-line tools (predict, evaluate, convert, summary): quiet logs,
-the compilation cache, host-memory reuse, and user errors as one line on stderr with exit status 2."""
+the compilation cache, host-memory reuse, and user errors as one line on stderr with exit
+status 2."""
 
 from __future__ import annotations
 
