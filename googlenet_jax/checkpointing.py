@@ -123,7 +123,7 @@ def verify_checksums(step_dir: str) -> Optional[str]:
   return None
 
 
-def _leaf_paths(tree) -> dict[str, tuple]:
+def leaf_paths(tree) -> dict[str, tuple]:
   """{'params/conv1/kernel': shape} for the array leaves of a state or Orbax metadata tree."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -184,6 +184,17 @@ class Checkpointer:
     self._sync(f"corrupt checkpoint {step} moved")
     self.manager.reload()
 
+  def newest_leaf_paths(self) -> Optional[dict[str, tuple]]:
+    """`leaf_paths` of the newest checkpoint's state, or None (no checkpoint, or unreadable
+    metadata, which `restore_or` then deals with)."""
+    steps = self.manager.all_steps()
+    if not steps:
+      return None
+    try:
+      return leaf_paths(self.manager.item_metadata(max(steps)))
+    except Exception:  # pylint: disable=broad-except
+      return None
+
   def restore_or(self, make_state: Callable[[], Any], sharding) -> tuple[Any, int]:
     """(state, step): restored from the newest complete and intact checkpoint if there is one,
     else made fresh by `make_state()`. The state arrays are placed with `sharding`
@@ -195,12 +206,12 @@ class Checkpointer:
     abstract = jax.eval_shape(make_state)
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-    want = _leaf_paths(abstract)
+    want = leaf_paths(abstract)
     for step in steps:
       problem = verify_checksums(self._step_dir(step))
       if problem is None:
         try:
-          have = _leaf_paths(self.manager.item_metadata(step))
+          have = leaf_paths(self.manager.item_metadata(step))
         except Exception as e:  # pylint: disable=broad-except
           problem = f"unreadable metadata: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
       if problem is None and have and have != want:
