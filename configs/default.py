@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.aux_loss_weight = 0.3
   config.ema_decay = 0.0  # > 0: keep Polyak/EMA weights
   # The optimiser's state as one vector (optax.flatten): fewer kernels, faster to compile.
-  # Checkpoints written with per-parameter state (False) still resume either way.
+  # A workdir resumes in the form its checkpoints hold, whatever this says.
   config.flat_optimizer_state = True
   config.eval_with_ema = False
   # Parallelism and bookkeeping.

@@ -544,10 +544,11 @@ def _one_run_per_workdir(train: Callable) -> Callable:
 
 
 def _optimizer_as_saved(ckpt, tx, config, per_epoch, num_steps, model, image_shape):
-  """`tx`, or the same optimiser with per-parameter state if that is what the workdir's newest
-  checkpoint holds (runs started before `flat_optimizer_state` existed resume unchanged)."""
+  """`tx`, or the same optimiser with its state in the other form (flat or per-parameter,
+  `flat_optimizer_state`) if that is what the workdir's newest checkpoint holds: a run resumes
+  in the form it was started with (runs from before the flat state existed included)."""
   saved = ckpt.newest_leaf_paths()
-  if not saved or not config.get("flat_optimizer_state", True):
+  if not saved:
     return tx
 
   def paths(optimizer):
@@ -556,12 +557,14 @@ def _optimizer_as_saved(ckpt, tx, config, per_epoch, num_steps, model, image_sha
 
   if paths(tx) == saved:
     return tx
-  per_parameter = ml_collections.ConfigDict(config.to_dict())
-  per_parameter.flat_optimizer_state = False
-  other = create_optimizer(per_parameter, per_epoch, num_steps)
+  as_saved = ml_collections.ConfigDict(config.to_dict())
+  as_saved.flat_optimizer_state = not config.get("flat_optimizer_state", True)
+  other = create_optimizer(as_saved, per_epoch, num_steps)
   if paths(other) == saved:
-    log.info("the checkpoint keeps per-parameter optimiser state: resuming with it "
-             "(flat_optimizer_state=False)")
+    log.info("the checkpoint keeps the optimiser state %s: resuming with it "
+             "(flat_optimizer_state=%s)",
+             "as one vector" if as_saved.flat_optimizer_state else "per parameter",
+             as_saved.flat_optimizer_state)
     return other
   return tx  # restore_or reports the difference
 

@@ -127,22 +127,25 @@ def test_flat_and_per_parameter_optimiser_state_train_alike():
                              _small_config(), (1, 64, 64, 3)).params["classifier"]["kernel"])
 
 
-def test_a_checkpoint_with_per_parameter_state_resumes_with_it(tmp_path):
-  config = _small_config()  # flat_optimizer_state defaults to True
-  assert config.flat_optimizer_state
+@pytest.mark.parametrize("saved_flat", [False, True])
+def test_a_checkpoint_resumes_in_the_optimiser_state_form_it_was_saved_in(tmp_path, saved_flat):
+  """A per-parameter checkpoint (runs from before flat state existed) under the flat default,
+  and a flat checkpoint under flat_optimizer_state=False: each resumes in its own form."""
+  config = _small_config(flat_optimizer_state=not saved_flat)
   old = ml_collections.ConfigDict(config.to_dict())
-  old.flat_optimizer_state = False
+  old.flat_optimizer_state = saved_flat
   model = training.create_model(config, 10)
   shape = (1, 64, 64, 3)
   saved = training.create_train_state(model, training.create_optimizer(old, 10, 10), old, shape)
+  assert (len(jax.tree.leaves(saved.opt_state)) < 5) == saved_flat
   ckpt = checkpointing.Checkpointer(str(tmp_path), config)
   ckpt.save(4, saved, force=True)
   ckpt.close()
 
   ckpt = checkpointing.Checkpointer(str(tmp_path), config)
-  flat_tx = training.create_optimizer(config, 10, 10)
-  tx = training._optimizer_as_saved(ckpt, flat_tx, config, 10, 10, model, shape)
-  assert tx is not flat_tx
+  configured_tx = training.create_optimizer(config, 10, 10)
+  tx = training._optimizer_as_saved(ckpt, configured_tx, config, 10, 10, model, shape)
+  assert tx is not configured_tx
   parallel = training.Parallel("shard_map", jax.devices()[:1])
   state, step = ckpt.restore_or(
       lambda: training.create_train_state(model, tx, config, shape), parallel.replicated)
@@ -152,5 +155,6 @@ def test_a_checkpoint_with_per_parameter_state_resumes_with_it(tmp_path):
                jax.device_get(saved.opt_state))
 
   fresh = checkpointing.Checkpointer(str(tmp_path / "fresh"), config)
-  assert training._optimizer_as_saved(fresh, flat_tx, config, 10, 10, model, shape) is flat_tx
+  assert training._optimizer_as_saved(fresh, configured_tx, config, 10, 10, model,
+                                      shape) is configured_tx
   fresh.close()
