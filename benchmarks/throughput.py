@@ -12,7 +12,8 @@ machine hits all of them alike):
 - a large float32 matmul in each framework: the machine's measured peak, for model-FLOPs
   utilisation (MFU = img/s x model FLOPs per image / the higher of the two peaks).
 Reported: median img/s over the rounds, JAX / best-PyTorch ratios, the first-step compile time,
-peak memory and the load average (the machine may be shared: read the ratios).
+peak memory, the load average (the machine may be shared: read the ratios) and each
+implementation's last training loss, which must be finite (`--lr`, small by default).
 On a GPU the same script runs in bfloat16 (JAX half_precision, PyTorch autocast).
 The process reuses freed host memory as train.py does (`googlenet_jax.host_memory`; both
 frameworks gain from it, JAX more); --system-malloc keeps glibc's defaults.
@@ -68,6 +69,11 @@ def parse_args(argv=None):
   p.add_argument("--pipeline", action="store_true",
                  help="also time the input pipeline alone (JPEG folder, inception crop)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
+  p.add_argument("--lr", type=float, default=1e-5,
+                 help="SGD learning rate of the timed steps (both frameworks). Small, so that "
+                      "the loss stays finite for the whole run: on random images and labels the "
+                      "classic layout starts at a loss of ~170 and a training learning rate "
+                      "(0.05) reaches inf/NaN within two steps")
   p.add_argument("--system-malloc", action="store_true",
                  help="keep glibc's default malloc (by default the process reuses freed memory "
                       "as train.py does: googlenet_jax.host_memory; it applies to both frameworks)")
@@ -146,6 +152,7 @@ def make_config(args):
   config.parallel = "shard_map"
   config.half_precision = jax.default_backend() != "cpu"
   config.weight_decay = 1e-4
+  config.learning_rate = args.lr
   return config
 
 
@@ -203,7 +210,7 @@ class JaxBench:
   def train(self, iters):
     for _ in range(iters):
       self.state, metrics = self.compiled_train(self.state, self.batch_in)
-    jax.block_until_ready(metrics)
+    self.last_loss = float(np.asarray(metrics["loss"]).ravel()[0])
 
   def infer(self, iters):
     v = self.variables()
@@ -253,6 +260,7 @@ class TorchBench:
       loss.backward()
       self.opt.step()
     self._sync()
+    self.last_loss = float(loss.detach())
 
   def infer(self, iters):
     self.model.eval()
@@ -309,6 +317,7 @@ def run(args) -> dict:
              first_step_s=jb.first_step_s, jax_train_temp_gib=jb.train_temp_gib)
   variables = jax.device_get(jb.variables())
   runs = {"jax_train": jb.train, "jax_infer": jb.infer}
+  modes = {}
   if args.also_plain:
     print(f"[{time.strftime('%H:%M:%S')}] JAX, plain lax: compile ...", flush=True)
     with fast_ops.use_fast_ops(False):
@@ -345,6 +354,16 @@ def run(args) -> dict:
       times[name].append((time.perf_counter() - t) / args.iters)
   for name, ts in times.items():
     res[f"{name}_img_s"] = _median_rate(ts, args.batch)
+  # The last training loss of each implementation: timings of steps on inf/NaN values would
+  # not be timings of training.
+  res["jax_train_loss"] = jb.last_loss
+  if args.also_plain:
+    res["jaxplain_train_loss"] = jp.last_loss
+  for name, tb in modes.items():
+    if hasattr(tb, "last_loss"):
+      res[f"torch_{name}_train_loss"] = tb.last_loss
+  res["train_losses_finite"] = all(np.isfinite(v) for k, v in res.items()
+                                   if k.endswith("_train_loss"))
   xla_mm, torch_mm = matmul_gflops()
   res.update(xla_matmul_gflops=xla_mm, torch_matmul_gflops=torch_mm,
              matmul_gflops=max(xla_mm, torch_mm))
@@ -414,6 +433,11 @@ def table(res) -> str:
   if "pipeline_img_s" in res:
     lines.append(f"input pipeline alone: {res['pipeline_img_s']:.1f} img/s "
                  f"({res['pipeline_over_step']:.1f}x the JAX train step)")
+  losses = ", ".join(f"{k[:-len('_train_loss')]} {v:.4g}" for k, v in sorted(res.items())
+                     if k.endswith("_train_loss"))
+  lines.append(f"last training loss: {losses}"
+               + ("" if res["train_losses_finite"] else
+                  "  ** NOT FINITE: these are not timings of training; lower --lr **"))
   la, lb = res["loadavg_start"], res["loadavg_end"]
   lines.append(f"load average (1/5/15 min) at start {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f}, "
                f"at end {lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f} on {os.cpu_count()} cores")

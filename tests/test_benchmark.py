@@ -34,3 +34,6 @@ def test_tiny_run_writes_all_stable_keys(tmp_path):
   for key in throughput.STABLE_KEYS:
     assert isinstance(res[key], float) and res[key] > 0, key
   assert len(res["loadavg_start"]) == 3
+  # Every implementation trained on finite values (the default --lr keeps them finite).
+  assert res["train_losses_finite"] is True
+  assert {"jax_train_loss", "torch_nchw_train_loss", "torch_cl_train_loss"} <= set(res)

@@ -29,10 +29,11 @@ def _value_and_grads(f, x, w, dy):
 
 CONV_CASES = [  # (batch, size, c_in, c_out, kernel, stride, padding)
     (2, 9, 16, 8, 1, 1, 0),       # 1x1 as a dot
-    (3, 8, 5, 7, 3, 1, 1),        # 3x3, few channels (grouped taps)
+    (3, 8, 5, 7, 3, 1, 1),        # 3x3, few channels (all taps in one dot)
     (2, 9, 70, 6, 3, 1, 1),       # 3x3, one tap per dot
     (2, 7, 4, 6, 5, 1, 2),        # 5x5
-    (2, 23, 3, 8, 7, 2, 3),       # the stem: 7x7/2 on an odd size
+    (2, 7, 16, 6, 5, 1, 2),       # 5x5 on 16 channels (3a): groups of 4 taps, the last short
+    (2, 23, 3, 8, 7, 2, 3),       # the stem: 7x7/2 on an odd size (one dot)
     (2, 24, 3, 8, 7, 2, "SAME"),  # keras: SAME padding, asymmetric at stride 2
     (2, 10, 4, 5, 5, 1, "SAME"),
     (2, 5, 6, 4, 1, 1, "SAME"),
@@ -73,6 +74,17 @@ def test_small_maps_keep_xlas_weight_gradient(monkeypatch):
     ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, jnp.ones((2, size, size, 5)))
     for g, r in zip(got, ref):
       assert rel_err(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("c_in, kernel, dots", [(3, 7, 1), (1, 7, 1), (16, 5, 7), (70, 3, 9)])
+def test_weight_gradient_dot_count(c_in, kernel, dots):
+  """How the taps are grouped: the stem's 147 (tap x channel) rows and d2l's 49 are one dot;
+  16 channels take 4 taps per dot (25 taps: 7 dots), 70 channels one tap per dot."""
+  x, w = _rand((2, 12, 12, c_in), 0), _rand((kernel, kernel, c_in, 5), 1)
+  f = lambda a, b: fast_ops.conv2d(a, b, 1, kernel // 2, fast=True)
+  dy = jnp.ones((2, 12, 12, 5))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](dy))(x, w))
+  assert jaxpr.count("dot_general") == dots
 
 
 def test_conv_float64_is_exact_to_float64_rounding():
