@@ -9,7 +9,9 @@ functions here compute the same values with matrix products that XLA:CPU runs we
   convolution keeps XLA's forward and input-gradient kernels but gets a custom VJP whose weight
   gradient, on feature maps of at least `TAPS_MIN_OUTPUT_PIXELS`, is one dot per kernel tap
   (shifted views of the input against the output gradient; on smaller maps XLA's own kernel is
-  as fast and compiles faster). Every weight-gradient dot splits its long contraction axis into
+  as fast and compiles faster); taps with few input channels share a dot, and a kernel with at
+  most `ONE_DOT_MAX_ROWS` tap x channel rows (the 3-channel stem) is a single dot over all its
+  taps. Every weight-gradient dot splits its long contraction axis into
   chunks, run as one batched dot and summed: XLA:CPU parallelises a dot over its output, and a
   (C_in x C_out) output is too small to keep more than one core busy.
 - `max_pool`: forward as `lax.reduce_window`; the VJP routes each output gradient to the first
