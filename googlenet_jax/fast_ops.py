@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from googlenet_jax import onednn
+
 Pads = Sequence[tuple[int, int]]
 
 _OVERRIDE: Optional[bool] = None
@@ -217,7 +219,12 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
   """NHWC x HWIO convolution, `padding` an int (symmetric) or 'SAME'; `fast` as `enabled()`."""
   k = w.shape[0]
   pads = conv_pads(padding, k, stride, x.shape[1:3])
-  if not enabled(fast) or w.shape[0] != w.shape[1]:
+  if not enabled(fast):
+    return _native_conv(x, w, stride, pads)
+  if (jax.default_backend() == "cpu" and onednn.enabled() and onednn.supports(x, w, stride, pads)
+      and onednn.available()):
+    return onednn.conv2d(x, w, stride, pads)
+  if w.shape[0] != w.shape[1]:
     return _native_conv(x, w, stride, pads)
   if k == 1 and stride == 1 and pads == ((0, 0), (0, 0)):
     return _conv1x1(x, w)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from googlenet_jax import fast_ops, layers
+from googlenet_jax import fast_ops, layers, onednn
 from googlenet_jax.models import GoogLeNet
 from helpers import rel_err
 
@@ -44,8 +44,11 @@ CONV_CASES = [  # (batch, size, c_in, c_out, kernel, stride, padding)
 @pytest.fixture(autouse=True)
 def weight_gradients_by_taps(monkeypatch):
   """The test shapes are small: make every k x k weight gradient take the tap-dot path (the
-  default keeps XLA's kernel below TAPS_MIN_OUTPUT_PIXELS; `test_small_maps_...` checks it)."""
+  default keeps XLA's kernel below TAPS_MIN_OUTPUT_PIXELS; `test_small_maps_...` checks it).
+  These are the XLA paths: the oneDNN convolutions (tests/test_onednn.py) are off here."""
   monkeypatch.setattr(fast_ops, "TAPS_MIN_OUTPUT_PIXELS", 0)
+  with onednn.use_onednn(False):
+    yield
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

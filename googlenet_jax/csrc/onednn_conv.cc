@@ -1,0 +1,216 @@
+// oneDNN convolutions as XLA FFI custom calls (CPU, float32, NHWC activations, HWIO kernels).
+//
+// Three handlers, one per pass of a 2-D convolution: forward, input gradient, weight gradient.
+// Activations stay NHWC, so oneDNN reads and writes XLA's buffers in place; only the kernel
+// (or its gradient) is reordered between XLA's HWIO and the blocked layout oneDNN's kernels
+// prefer. Primitives are built once per shape and kept; every call runs under one lock,
+// because each oneDNN call already uses all cores (two calls at once would oversubscribe them).
+//
+// The window attribute is {stride_h, stride_w, pad_top, pad_left}; the bottom/right padding
+// oneDNN needs is implied by the shapes (the part of XLA's padding that a window reaches).
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+namespace {
+
+constexpr auto kF32 = memory::data_type::f32;
+
+struct Geometry {
+  int64_t n, c, h, w;      // input NHWC
+  int64_t o, kh, kw;       // kernel HWIO
+  int64_t oh, ow;          // output
+  int64_t sh, sw, pt, pl;  // strides, top/left padding
+  int64_t pb() const { return (oh - 1) * sh + kh - h - pt; }
+  int64_t pr() const { return (ow - 1) * sw + kw - w - pl; }
+  std::string Key(const char* pass) const {
+    std::string k(pass);
+    for (int64_t v : {n, c, h, w, o, kh, kw, oh, ow, sh, sw, pt, pl}) k += "," + std::to_string(v);
+    return k;
+  }
+  memory::desc Src() const { return memory::desc({n, c, h, w}, kF32, Tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, o, oh, ow}, kF32, Tag::nhwc); }
+  memory::desc UserWeights() const { return memory::desc({o, c, kh, kw}, kF32, Tag::hwio); }
+  memory::desc AnyWeights() const { return memory::desc({o, c, kh, kw}, kF32, Tag::any); }
+  memory::dims Strides() const { return {sh, sw}; }
+  memory::dims PadL() const { return {pt, pl}; }
+  memory::dims PadR() const { return {pb(), pr()}; }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+std::mutex& Lock() {
+  static std::mutex mu;
+  return mu;
+}
+
+// One pass of one convolution shape: the primitive and the reorder of its kernel-shaped operand
+// between XLA's HWIO and the primitive's layout (none when they agree).
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc kernel_desc;       // the primitive's layout of the kernel or its gradient
+  dnnl::primitive kernel_reorder; // HWIO -> primitive (fwd, bwd_data) or back (bwd_weights)
+  bool reorder = false;
+  std::vector<float> kernel_buffer;
+};
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
+      g.AnyWeights(), g.Dst(), g.Strides(), g.PadL(), g.PadR());
+}
+
+void SetReorder(Plan& plan, const memory::desc& chosen, const memory::desc& user, bool to_user) {
+  plan.kernel_desc = chosen;
+  plan.reorder = chosen != user;
+  if (plan.reorder) {
+    plan.kernel_buffer.resize(chosen.get_size() / sizeof(float));
+    plan.kernel_reorder = to_user ? dnnl::reorder(dnnl::reorder::primitive_desc(
+                                        Engine(), chosen, Engine(), user))
+                                  : dnnl::reorder(dnnl::reorder::primitive_desc(
+                                        Engine(), user, Engine(), chosen));
+  }
+}
+
+enum class Pass { kForward, kBackwardData, kBackwardWeights };
+
+Plan& GetPlan(Pass pass, const Geometry& g) {
+  static std::unordered_map<std::string, std::unique_ptr<Plan>> plans;
+  static const char* names[] = {"fwd", "bwd_data", "bwd_weights"};
+  std::string key = g.Key(names[static_cast<int>(pass)]);
+  auto it = plans.find(key);
+  if (it != plans.end()) return *it->second;
+  auto plan = std::make_unique<Plan>();
+  auto fwd = ForwardDesc(g);
+  if (pass == Pass::kForward) {
+    plan->conv = dnnl::convolution_forward(fwd);
+    SetReorder(*plan, fwd.weights_desc(), g.UserWeights(), /*to_user=*/false);
+  } else if (pass == Pass::kBackwardData) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+        g.Strides(), g.PadL(), g.PadR(), fwd);
+    plan->conv = dnnl::convolution_backward_data(pd);
+    SetReorder(*plan, pd.weights_desc(), g.UserWeights(), /*to_user=*/false);
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+        g.Strides(), g.PadL(), g.PadR(), fwd);
+    plan->conv = dnnl::convolution_backward_weights(pd);
+    SetReorder(*plan, pd.diff_weights_desc(), g.UserWeights(), /*to_user=*/true);
+  }
+  return *(plans[key] = std::move(plan));
+}
+
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn_conv: " + what);
+}
+
+// Shapes: x (N, H, W, C), kernel (KH, KW, C, O), y (N, OH, OW, O).
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
+                        ffi::Span<const int64_t> y, ffi::Span<const int64_t> window,
+                        Geometry* g) {
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4) return Invalid("expected rank-4 operands");
+  if (window.size() != 4) return Invalid("window must be {stride_h, stride_w, pad_top, pad_left}");
+  *g = Geometry{x[0], x[3], x[1], x[2], k[3], k[0], k[1], y[1], y[2],
+                window[0], window[1], window[2], window[3]};
+  if (k[2] != x[3] || y[0] != x[0] || y[3] != k[3]) return Invalid("inconsistent shapes");
+  if (g->pb() < 0 || g->pr() < 0) return Invalid("output larger than the padded input allows");
+  return ffi::Error::Success();
+}
+
+ffi::Error Run(Pass pass, const Geometry& g, float* src, float* kernel, float* dst) {
+  try {
+    std::lock_guard<std::mutex> hold(Lock());
+    Plan& plan = GetPlan(pass, g);
+    dnnl::stream stream(Engine());
+    memory src_mem(g.Src(), Engine(), src);
+    memory dst_mem(g.Dst(), Engine(), dst);
+    memory user_kernel(g.UserWeights(), Engine(), kernel);
+    memory kernel_mem = plan.reorder
+        ? memory(plan.kernel_desc, Engine(), plan.kernel_buffer.data()) : user_kernel;
+    if (pass == Pass::kForward) {
+      if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, kernel_mem}});
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel_mem},
+                                 {DNNL_ARG_DST, dst_mem}});
+    } else if (pass == Pass::kBackwardData) {
+      if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, kernel_mem}});
+      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel_mem},
+                                 {DNNL_ARG_DIFF_DST, dst_mem}});
+    } else {
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, kernel_mem},
+                                 {DNNL_ARG_DIFF_DST, dst_mem}});
+      if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, kernel_mem}, {DNNL_ARG_TO, user_kernel}});
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> window) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), window, &g);
+      e.failure()) return e;
+  return Run(Pass::kForward, g, x.typed_data(), kernel.typed_data(), y->typed_data());
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+                        ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> window) {
+  Geometry g;
+  if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), window, &g);
+      e.failure()) return e;
+  return Run(Pass::kBackwardData, g, dx->typed_data(), kernel.typed_data(), dy.typed_data());
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dkernel, ffi::Span<const int64_t> window) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), window, &g);
+      e.failure()) return e;
+  return Run(Pass::kBackwardWeights, g, x.typed_data(), dkernel->typed_data(), dy.typed_data());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardData, BackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardWeights, BackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("window"));
+
+extern "C" int GjOnednnVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}

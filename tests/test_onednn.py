@@ -1,0 +1,137 @@
+"""The oneDNN convolutions (XLA FFI custom calls) against lax: values and both gradients on
+random inputs for every kernel/stride/padding the layouts use, inside jit, shard_map over 8
+devices and the whole network; and the fallbacks (switch, dtypes)."""
+
+import importlib.metadata
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from googlenet_jax import fast_ops, onednn
+from googlenet_jax.models import GoogLeNet
+from helpers import rel_err
+
+
+def _wheel_installed() -> bool:
+  try:
+    importlib.metadata.version("onednn-cpu-gomp")
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
+def test_available_where_the_wheel_is_installed():
+  """The project's own install (Linux x86-64) must build the shim: a silent fallback would
+  lose the speed without failing anything else."""
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
+    pytest.skip("the oneDNN wheel is a Linux x86-64 dependency")
+  assert _wheel_installed(), "onednn-cpu-gomp missing: pyproject.toml lists it for this platform"
+  assert onednn.available(), onednn._load()
+
+
+needs_onednn = pytest.mark.skipif(not (_wheel_installed() and onednn.available()),
+                                  reason="oneDNN convolutions unavailable")
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.RandomState(seed).randn(*shape).astype(np.float32))
+
+
+def _lax_conv(x, w, stride, pads):
+  return lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _value_and_grads(f, x, w, dy):
+  y, vjp = jax.vjp(f, x, w)
+  return (y, *vjp(dy))
+
+
+CASES = [  # (batch, height, width, c_in, c_out, kernel, stride, padding)
+    (2, 9, 9, 16, 8, 1, 1, 0),        # 1x1
+    (3, 8, 8, 5, 7, 3, 1, 1),         # 3x3
+    (2, 7, 7, 4, 6, 5, 1, 2),         # 5x5
+    (2, 23, 23, 3, 8, 7, 2, 3),       # the stem, 7x7/2 on an odd size (padding not all used)
+    (2, 24, 24, 3, 8, 7, 2, "SAME"),  # keras: SAME, asymmetric at stride 2
+    (2, 10, 12, 4, 5, 5, 1, "SAME"),  # non-square map
+    (1, 11, 11, 6, 4, 3, 2, 0),       # strided, no padding, last row unread
+    (2, 5, 5, 6, 4, 1, 1, "SAME"),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", CASES)
+def test_values_and_gradients_match_lax(case):
+  n, h, wd, ci, co, k, stride, padding = case
+  pads = fast_ops.conv_pads(padding, k, stride, (h, wd))
+  x, w = _rand((n, h, wd, ci), 0), _rand((k, k, ci, co), 1)
+  y_ref = _lax_conv(x, w, stride, pads)
+  dy = _rand(y_ref.shape, 2)
+  ref = jax.jit(lambda x, w, dy: _value_and_grads(
+      lambda a, b: _lax_conv(a, b, stride, pads), x, w, dy))(x, w, dy)
+  got = jax.jit(lambda x, w, dy: _value_and_grads(
+      lambda a, b: onednn.conv2d(a, b, stride, pads), x, w, dy))(x, w, dy)
+  for g, r, name in zip(got, ref, ("y", "dx", "dw")):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    assert rel_err(g, r) <= 1e-5, name
+
+
+@needs_onednn
+def test_fast_ops_takes_onednn_for_float32_only():
+  x, w = _rand((2, 8, 8, 4), 0), _rand((3, 3, 4, 5), 1)
+  hlo = lambda x, w: jax.jit(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True)).lower(
+      x, w).as_text()
+  assert "googlenet_jax_onednn_conv_forward" in hlo(x, w)
+  assert "onednn" not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  with onednn.use_onednn(False):
+    assert "onednn" not in hlo(x, w)
+  assert "onednn" not in jax.jit(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=False)).lower(
+      x, w).as_text()
+
+
+@needs_onednn
+def test_data_parallel_gradients_match_one_device():
+  """shard_map over 8 devices, replicated kernel made per-device as the train step does: the
+  averaged gradient equals the whole batch's on one device."""
+  mesh = jax.make_mesh((8,), ("batch",))
+  x, w = _rand((16, 9, 9, 6), 0), _rand((3, 3, 6, 5), 1)
+  loss = lambda conv, w, x: (conv(x, w) ** 2).mean()
+  ours = lambda x, w: onednn.conv2d(x, w, 1, ((1, 1), (1, 1)))
+  theirs = lambda x, w: _lax_conv(x, w, 1, ((1, 1), (1, 1)))
+
+  def step(w, x):
+    w = lax.pcast(w, "batch", to="varying") if hasattr(lax, "pcast") else w
+    return lax.pmean(jax.grad(lambda w: loss(ours, w, x))(w), "batch")
+
+  sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
+  got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P()))(
+      w, sharded)
+  ref = jax.grad(lambda w: loss(theirs, w, x))(w)
+  assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.slow
+@needs_onednn
+def test_network_outputs_and_gradients_match_xla_kernels():
+  """(The PyTorch parity tests in the default run take the oneDNN path too.)"""
+  x = _rand((2, 48, 48, 3), 5)
+  model = GoogLeNet(num_classes=7, aux_logits=False)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+
+  def loss(params):
+    out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    return sum(((o * jnp.arange(7.0)).sum() for o in jax.tree.leaves(out))), out
+
+  run = lambda: jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  (l1, y1), g1 = run()
+  with onednn.use_onednn(False):
+    (l2, y2), g2 = run()
+  for a, b in zip(jax.tree.leaves(y1), jax.tree.leaves(y2)):
+    assert rel_err(a, b) <= 1e-5
+  flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
+  assert rel_err(flat(g1), flat(g2)) <= 1e-4
