@@ -3,7 +3,10 @@ random inputs for every kernel/stride/padding the layouts use, inside jit, shard
 devices and the whole network; and the fallbacks (switch, dtypes)."""
 
 import importlib.metadata
+import os
 import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +138,29 @@ def test_network_outputs_and_gradients_match_xla_kernels():
     assert rel_err(a, b) <= 1e-5
   flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
   assert rel_err(flat(g1), flat(g2)) <= 1e-4
+
+
+def test_failed_build_falls_back_with_one_warning(tmp_path):
+  """No compiler (or no wheel): one RuntimeWarning naming the cause, XLA's kernels, same values."""
+  script = (
+      "import warnings, numpy as np, jax.numpy as jnp\n"
+      "from jax import lax\n"
+      "from googlenet_jax import fast_ops\n"
+      "x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32))\n"
+      "w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 4, 5).astype(np.float32))\n"
+      "with warnings.catch_warnings(record=True) as caught:\n"
+      "  warnings.simplefilter('always')\n"
+      "  y = fast_ops.conv2d(x, w, 1, 1, fast=True)\n"
+      "  y = fast_ops.conv2d(x, w, 1, 1, fast=True)\n"
+      "ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),\n"
+      "                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+      "msgs = [str(c.message) for c in caught if 'oneDNN' in str(c.message)]\n"
+      "assert len(msgs) == 1, msgs\n"
+      "assert 'compiler' in msgs[0] or 'compiling' in msgs[0], msgs[0]\n"
+      "assert float(jnp.max(jnp.abs(y - ref))) < 1e-4\n"
+      "print('fallback ok')\n")
+  env = dict(os.environ, GOOGLENET_JAX_CACHE=str(tmp_path), CXX="/nonexistent/g++",
+             XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
