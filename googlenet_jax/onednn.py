@@ -120,13 +120,17 @@ def _build() -> pathlib.Path:
   return target
 
 
+_LIB: Optional[ctypes.CDLL] = None
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
   """Builds, loads and registers the custom calls; None on success, else the reason."""
+  global _LIB
   if _env_disabled():
     return "switched off by GOOGLENET_JAX_ONEDNN"
   try:
-    lib = ctypes.CDLL(str(_build()))
+    lib = _LIB = ctypes.CDLL(str(_build()))
     for kind, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(_PREFIX + kind, jax.ffi.pycapsule(getattr(lib, symbol)),
                                   platform="cpu")
@@ -147,6 +151,16 @@ def available() -> bool:
     warnings.warn(f"oneDNN convolutions unavailable, using XLA's kernels: {reason}",
                   RuntimeWarning, stacklevel=2)
   return reason is None
+
+
+def stats(reset: bool = False) -> dict:
+  """Seconds spent in, and calls of, each oneDNN pass since the last reset (all devices), for
+  profiling a step: {"forward": (s, calls), "backward_data": ..., "backward_weights": ...}."""
+  if not available():
+    return {}
+  out = (ctypes.c_int64 * 6)()
+  _LIB.GjOnednnStats(out, int(reset))
+  return {kind: (out[i] * 1e-9, out[3 + i]) for i, kind in enumerate(_TARGETS)}
 
 
 def supports(x: jax.Array, w: jax.Array, stride: int, pads: Sequence[tuple[int, int]]) -> bool:

@@ -9,6 +9,7 @@
 // The window attribute is {stride_h, stride_w, pad_top, pad_left}; the bottom/right padding
 // oneDNN needs is implied by the shapes (the part of XLA's padding that a window reaches).
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -133,9 +134,14 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
   return ffi::Error::Success();
 }
 
+// Time spent in each pass (nanoseconds) and calls, for profiling: GjOnednnStats.
+int64_t pass_nanos[3] = {0, 0, 0};
+int64_t pass_calls[3] = {0, 0, 0};
+
 ffi::Error Run(Pass pass, const Geometry& g, float* src, float* kernel, float* dst) {
   try {
     std::lock_guard<std::mutex> hold(Lock());
+    auto start = std::chrono::steady_clock::now();
     Plan& plan = GetPlan(pass, g);
     dnnl::stream stream(Engine());
     memory src_mem(g.Src(), Engine(), src);
@@ -157,6 +163,10 @@ ffi::Error Run(Pass pass, const Geometry& g, float* src, float* kernel, float* d
       if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, kernel_mem}, {DNNL_ARG_TO, user_kernel}});
     }
     stream.wait();
+    int p = static_cast<int>(pass);
+    pass_nanos[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - start).count();
+    pass_calls[p] += 1;
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   }
@@ -209,6 +219,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardWeights, BackwardWeights,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("window"));
+
+// Copies {forward, backward_data, backward_weights} nanoseconds then calls into out[6]; resets
+// the counters when reset != 0.
+extern "C" void GjOnednnStats(int64_t* out, int reset) {
+  std::lock_guard<std::mutex> hold(Lock());
+  for (int i = 0; i < 3; ++i) {
+    out[i] = pass_nanos[i];
+    out[3 + i] = pass_calls[i];
+    if (reset) pass_nanos[i] = pass_calls[i] = 0;
+  }
+}
 
 extern "C" int GjOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
