@@ -164,3 +164,19 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@needs_onednn
+def test_stats_count_each_pass():
+  x, w = _rand((2, 6, 6, 3), 0), _rand((3, 3, 3, 4), 1)
+  f = jax.jit(lambda x, w: jax.value_and_grad(  # the value, so that the forward is not dropped
+      lambda a, b: onednn.conv2d(a, b, 1, ((1, 1), (1, 1))).sum(),
+      argnums=(0, 1))(x, w))
+  jax.block_until_ready(f(x, w))
+  onednn.stats(reset=True)
+  jax.block_until_ready(f(x, w))
+  got = onednn.stats(reset=True)
+  assert {k: v[1] for k, v in got.items()} == {
+      "forward": 1, "backward_data": 1, "backward_weights": 1}
+  assert all(v[0] > 0 for v in got.values())
+  assert all(v == (0.0, 0) for v in onednn.stats().values())
