@@ -227,6 +227,13 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int, pads: Sequence[tuple[int, in
 
   Differentiable (both backward passes are oneDNN's too). Call `available()` and `supports()`
   first; `fast_ops.conv2d` does, and is what the network uses."""
+  reason = _load()
+  if reason is not None:
+    raise RuntimeError(f"oneDNN convolutions unavailable: {reason}")
+  if not supports(x, w, stride, pads):
+    raise ValueError(f"oneDNN conv2d takes float32 NHWC x HWIO operands whose padded input "
+                     f"covers the kernel; got {x.dtype}{x.shape} x {w.dtype}{w.shape}, "
+                     f"padding {tuple(pads)}")
   # As lax does for its own convolution: operands that vary over different mesh axes (a
   # replicated kernel against a sharded batch) are made to vary alike first.
   both = _vma(x) | _vma(w)
