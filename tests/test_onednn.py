@@ -180,3 +180,19 @@ def test_stats_count_each_pass():
       "forward": 1, "backward_data": 1, "backward_weights": 1}
   assert all(v[0] > 0 for v in got.values())
   assert all(v == (0.0, 0) for v in onednn.stats().values())
+
+
+@needs_onednn
+def test_direct_call_in_a_fresh_process():
+  """`onednn.conv2d` used on its own (no `available()` first) registers its custom calls."""
+  script = (
+      "import jax, jax.numpy as jnp\n"
+      "from googlenet_jax import onednn\n"
+      "x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))\n"
+      "g = jax.jit(jax.grad(lambda x: onednn.conv2d(x, w, 1, ((1, 1), (1, 1))).sum()))(x)\n"
+      "assert float(g[0, 2, 2, 0]) == 36.0, g[0, 2, 2, 0]\n"
+      "print('direct ok')\n")
+  proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=""),
+                        capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0 and "direct ok" in proc.stdout, proc.stderr[-3000:]
