@@ -196,3 +196,12 @@ def test_direct_call_in_a_fresh_process():
                         capture_output=True, text=True, timeout=300,
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0 and "direct ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@needs_onednn
+def test_vmap_over_kernels():
+  x, ws = _rand((2, 6, 6, 3), 0), _rand((4, 3, 3, 3, 5), 1)
+  pads = ((1, 1), (1, 1))
+  got = jax.jit(jax.vmap(lambda w: onednn.conv2d(x, w, 1, pads)))(ws)
+  ref = jax.vmap(lambda w: _lax_conv(x, w, 1, pads))(ws)
+  assert rel_err(got, ref) <= 1e-5
