@@ -103,7 +103,16 @@ def _build() -> pathlib.Path:
   target = _cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+      raise PermissionError(target.parent)
+  except OSError:  # a read-only home: build in the temporary directory instead
+    fallback = pathlib.Path(tempfile.gettempdir()) / f"googlenet_jax-{os.getuid()}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    target = fallback / target.name
+    if target.exists():
+      return target
   compiler = os.environ.get("CXX", "g++")
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     out = pathlib.Path(tmp) / target.name

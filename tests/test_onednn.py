@@ -205,3 +205,13 @@ def test_vmap_over_kernels():
   got = jax.jit(jax.vmap(lambda w: onednn.conv2d(x, w, 1, pads)))(ws)
   ref = jax.vmap(lambda w: _lax_conv(x, w, 1, pads))(ws)
   assert rel_err(got, ref) <= 1e-5
+
+
+@needs_onednn
+def test_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatch):
+  blocked = tmp_path / "not_a_dir"
+  blocked.write_text("a file where the cache directory should be")
+  monkeypatch.setenv("GOOGLENET_JAX_CACHE", str(blocked / "cache"))
+  monkeypatch.setattr(onednn.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  built = onednn._build()
+  assert built.parent == tmp_path / "tmp" / f"googlenet_jax-{os.getuid()}" and built.exists()
