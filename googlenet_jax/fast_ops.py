@@ -29,54 +29,35 @@ Selection: `enabled()` is True on the CPU backend unless switched off, globally 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
-import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from googlenet_jax import onednn
+from googlenet_jax import onednn, switches
 
 Pads = Sequence[tuple[int, int]]
 
-_OVERRIDE: Optional[bool] = None
+_SWITCH = switches.Switch("GOOGLENET_JAX_FAST_OPS")
 _DIMS = ("NHWC", "HWIO", "NHWC")
-
-
-def _env_setting() -> Optional[bool]:
-  value = os.environ.get("GOOGLENET_JAX_FAST_OPS", "").strip().lower()
-  if value in ("0", "false", "no", "off"):
-    return False
-  if value in ("1", "true", "yes", "on"):
-    return True
-  return None
 
 
 def set_enabled(value: Optional[bool]) -> None:
   """True/False forces the fast paths on/off; None restores the per-backend default."""
-  global _OVERRIDE
-  _OVERRIDE = value
+  _SWITCH.set(value)
 
 
-@contextlib.contextmanager
 def use_fast_ops(value: Optional[bool]):
   """Context manager form of `set_enabled` (takes effect when a function is traced)."""
-  global _OVERRIDE
-  old, _OVERRIDE = _OVERRIDE, value
-  try:
-    yield
-  finally:
-    _OVERRIDE = old
+  return _SWITCH.use(value)
 
 
 def enabled(override: Optional[bool] = None) -> bool:
   """Whether to use the fast paths: a module's explicit setting, else the global switch, else
   the environment variable, else the backend (only XLA:CPU benefits)."""
-  for value in (override, _OVERRIDE, _env_setting()):
+  for value in (override, _SWITCH.value()):
     if value is not None:
       return value
   return jax.default_backend() == "cpu"

@@ -16,7 +16,6 @@ another platform) the callers keep the pure-XLA paths, with one warning saying w
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -31,6 +30,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from googlenet_jax import switches
+
 _SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
 _TARGETS = {"forward": "GjOnednnConvForward", "backward_data": "GjOnednnConvBackwardData",
             "backward_weights": "GjOnednnConvBackwardWeights"}
@@ -38,34 +39,27 @@ _PREFIX = "googlenet_jax_onednn_conv_"
 _DISTRIBUTIONS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 
 
-_OVERRIDE: Optional[bool] = None
+_SWITCH = switches.Switch("GOOGLENET_JAX_ONEDNN")
 
 
 def _env_disabled() -> bool:
-  return os.environ.get("GOOGLENET_JAX_ONEDNN", "").strip().lower() in ("0", "false", "no", "off")
+  return _SWITCH.from_env() is False
 
 
 def set_enabled(value: Optional[bool]) -> None:
   """False keeps `fast_ops.conv2d` on XLA's kernels; None restores the default (on where
   available). Takes effect when a function is traced."""
-  global _OVERRIDE
-  _OVERRIDE = value
+  _SWITCH.set(value)
 
 
-@contextlib.contextmanager
 def use_onednn(value: Optional[bool]):
   """Context manager form of `set_enabled`."""
-  global _OVERRIDE
-  old, _OVERRIDE = _OVERRIDE, value
-  try:
-    yield
-  finally:
-    _OVERRIDE = old
+  return _SWITCH.use(value)
 
 
 def enabled() -> bool:
   """Whether the oneDNN convolutions are wanted: `set_enabled`, else `GOOGLENET_JAX_ONEDNN`."""
-  return _OVERRIDE if _OVERRIDE is not None else not _env_disabled()
+  return _SWITCH.value() is not False
 
 
 def _dist_file(dist: str, name: str) -> Optional[pathlib.Path]:

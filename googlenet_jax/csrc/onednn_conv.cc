@@ -197,28 +197,20 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return Run(Pass::kBackwardWeights, g, x.typed_data(), dkernel->typed_data(), dy.typed_data());
 }
 
+// Every pass takes two float32 operands and the window attribute and returns one array.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("window");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("window"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("window"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvForward, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardData, BackwardData, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GjOnednnConvBackwardWeights, BackwardWeights, Binding());
 
 // Copies {forward, backward_data, backward_weights} nanoseconds then calls into out[6]; resets
 // the counters when reset != 0.
