@@ -6,11 +6,21 @@
 // prefer. Primitives are built once per shape and kept; every call runs under one lock,
 // because each oneDNN call already uses all cores (two calls at once would oversubscribe them).
 //
+// Scratchpads are the caller's (scratchpad_mode::user): one buffer, grown to the largest need
+// and passed to every execution. oneDNN's own ("library") scratchpad is a thread_local buffer
+// sized on the thread that *creates* a primitive, while XLA runs a custom call on whichever of
+// its threads is free: executed elsewhere, a primitive that needs a scratchpad (the im2col
+// buffer of the gemm-based weight gradient) writes through another thread's smaller or null
+// buffer. See benchmarks/NOTES.md, "Session 9".
+//
 // The window attribute is {stride_h, stride_w, pad_top, pad_left}; the bottom/right padding
 // oneDNN needs is implied by the shapes (the part of XLA's padding that a window reaches).
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -60,6 +70,39 @@ std::mutex& Lock() {
   return mu;
 }
 
+// Page-aligned bytes that only grow (oneDNN's jit kernels expect aligned buffers).
+class AlignedBuffer {
+ public:
+  void* Reserve(size_t bytes) {
+    if (bytes > size_) {
+      size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+      void* data = std::aligned_alloc(kAlign, rounded);
+      if (data == nullptr) throw std::bad_alloc();
+      data_.reset(data);
+      size_ = rounded;
+    }
+    return data_.get();
+  }
+
+ private:
+  static constexpr size_t kAlign = 4096;
+  struct Free { void operator()(void* p) const { std::free(p); } };
+  std::unique_ptr<void, Free> data_;
+  size_t size_ = 0;
+};
+
+// Used under Lock() only, by one execution at a time.
+AlignedBuffer& Scratchpad() {
+  static AlignedBuffer buffer;
+  return buffer;
+}
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 // One pass of one convolution shape: the primitive and the reorder of its kernel-shaped operand
 // between XLA's HWIO and the primitive's layout (none when they agree).
 struct Plan {
@@ -67,28 +110,45 @@ struct Plan {
   memory::desc kernel_desc;       // the primitive's layout of the kernel or its gradient
   dnnl::primitive kernel_reorder; // HWIO -> primitive (fwd, bwd_data) or back (bwd_weights)
   bool reorder = false;
-  std::vector<float> kernel_buffer;
+  AlignedBuffer kernel_buffer;
+  memory::desc conv_scratchpad, reorder_scratchpad;
 };
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
-      g.AnyWeights(), g.Dst(), g.Strides(), g.PadL(), g.PadR());
+      g.AnyWeights(), g.Dst(), g.Strides(), g.PadL(), g.PadR(), UserScratchpad());
 }
 
 void SetReorder(Plan& plan, const memory::desc& chosen, const memory::desc& user, bool to_user) {
   plan.kernel_desc = chosen;
   plan.reorder = chosen != user;
   if (plan.reorder) {
-    plan.kernel_buffer.resize(chosen.get_size() / sizeof(float));
-    plan.kernel_reorder = to_user ? dnnl::reorder(dnnl::reorder::primitive_desc(
-                                        Engine(), chosen, Engine(), user))
-                                  : dnnl::reorder(dnnl::reorder::primitive_desc(
-                                        Engine(), user, Engine(), chosen));
+    plan.kernel_buffer.Reserve(chosen.get_size());
+    auto pd = to_user
+        ? dnnl::reorder::primitive_desc(Engine(), chosen, Engine(), user, UserScratchpad())
+        : dnnl::reorder::primitive_desc(Engine(), user, Engine(), chosen, UserScratchpad());
+    plan.reorder_scratchpad = pd.scratchpad_desc();
+    plan.kernel_reorder = dnnl::reorder(pd);
   }
 }
 
 enum class Pass { kForward, kBackwardData, kBackwardWeights };
+
+// The primitive descriptor of one pass: which implementation oneDNN picks for it, and the
+// layouts and scratchpad that implementation wants.
+dnnl::primitive_desc PassDesc(Pass pass, const Geometry& g) {
+  auto fwd = ForwardDesc(g);
+  if (pass == Pass::kForward) return fwd;
+  if (pass == Pass::kBackwardData) {
+    return dnnl::convolution_backward_data::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+        g.Strides(), g.PadL(), g.PadR(), fwd, UserScratchpad());
+  }
+  return dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+      g.Strides(), g.PadL(), g.PadR(), fwd, UserScratchpad());
+}
 
 Plan& GetPlan(Pass pass, const Geometry& g) {
   static std::unordered_map<std::string, std::unique_ptr<Plan>> plans;
@@ -97,22 +157,13 @@ Plan& GetPlan(Pass pass, const Geometry& g) {
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
   auto plan = std::make_unique<Plan>();
-  auto fwd = ForwardDesc(g);
-  if (pass == Pass::kForward) {
-    plan->conv = dnnl::convolution_forward(fwd);
-    SetReorder(*plan, fwd.weights_desc(), g.UserWeights(), /*to_user=*/false);
-  } else if (pass == Pass::kBackwardData) {
-    auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-        g.Strides(), g.PadL(), g.PadR(), fwd);
-    plan->conv = dnnl::convolution_backward_data(pd);
-    SetReorder(*plan, pd.weights_desc(), g.UserWeights(), /*to_user=*/false);
-  } else {
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-        g.Strides(), g.PadL(), g.PadR(), fwd);
-    plan->conv = dnnl::convolution_backward_weights(pd);
+  dnnl::primitive_desc pd = PassDesc(pass, g);
+  plan->conv = dnnl::primitive(pd);
+  plan->conv_scratchpad = pd.scratchpad_desc();
+  if (pass == Pass::kBackwardWeights) {
     SetReorder(*plan, pd.diff_weights_desc(), g.UserWeights(), /*to_user=*/true);
+  } else {
+    SetReorder(*plan, pd.weights_desc(), g.UserWeights(), /*to_user=*/false);
   }
   return *(plans[key] = std::move(plan));
 }
@@ -148,19 +199,30 @@ ffi::Error Run(Pass pass, const Geometry& g, float* src, float* kernel, float* d
     memory dst_mem(g.Dst(), Engine(), dst);
     memory user_kernel(g.UserWeights(), Engine(), kernel);
     memory kernel_mem = plan.reorder
-        ? memory(plan.kernel_desc, Engine(), plan.kernel_buffer.data()) : user_kernel;
+        ? memory(plan.kernel_desc, Engine(), plan.kernel_buffer.Reserve(0)) : user_kernel;
+    void* scratch = Scratchpad().Reserve(
+        std::max(plan.conv_scratchpad.get_size(), plan.reorder_scratchpad.get_size()));
+    // Executes `primitive` with `args` and, where it needs one, the shared scratchpad.
+    auto execute = [&](dnnl::primitive& primitive, const memory::desc& scratchpad,
+                       std::unordered_map<int, memory> args) {
+      if (scratchpad.get_size() > 0) args[DNNL_ARG_SCRATCHPAD] = memory(scratchpad, Engine(), scratch);
+      primitive.execute(stream, args);
+    };
+    auto reorder = [&](const memory& from, const memory& to) {
+      execute(plan.kernel_reorder, plan.reorder_scratchpad, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
+    };
     if (pass == Pass::kForward) {
-      if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, kernel_mem}});
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel_mem},
-                                 {DNNL_ARG_DST, dst_mem}});
+      if (plan.reorder) reorder(user_kernel, kernel_mem);
+      execute(plan.conv, plan.conv_scratchpad, {{DNNL_ARG_SRC, src_mem},
+              {DNNL_ARG_WEIGHTS, kernel_mem}, {DNNL_ARG_DST, dst_mem}});
     } else if (pass == Pass::kBackwardData) {
-      if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, user_kernel}, {DNNL_ARG_TO, kernel_mem}});
-      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel_mem},
-                                 {DNNL_ARG_DIFF_DST, dst_mem}});
+      if (plan.reorder) reorder(user_kernel, kernel_mem);
+      execute(plan.conv, plan.conv_scratchpad, {{DNNL_ARG_DIFF_SRC, src_mem},
+              {DNNL_ARG_WEIGHTS, kernel_mem}, {DNNL_ARG_DIFF_DST, dst_mem}});
     } else {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, kernel_mem},
-                                 {DNNL_ARG_DIFF_DST, dst_mem}});
-      if (plan.reorder) plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, kernel_mem}, {DNNL_ARG_TO, user_kernel}});
+      execute(plan.conv, plan.conv_scratchpad, {{DNNL_ARG_SRC, src_mem},
+              {DNNL_ARG_DIFF_WEIGHTS, kernel_mem}, {DNNL_ARG_DIFF_DST, dst_mem}});
+      if (plan.reorder) reorder(kernel_mem, user_kernel);
     }
     stream.wait();
     int p = static_cast<int>(pass);
@@ -169,6 +231,8 @@ ffi::Error Run(Pass pass, const Geometry& g, float* src, float* kernel, float* d
     pass_calls[p] += 1;
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "onednn_conv: out of memory");
   }
   return ffi::Error::Success();
 }
@@ -226,4 +290,20 @@ extern "C" void GjOnednnStats(int64_t* out, int reset) {
 extern "C" int GjOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// Writes the name of the implementation oneDNN picks for `pass` (0 forward, 1 input gradient,
+// 2 weight gradient) of the convolution `geometry` = {n, c, h, w, o, kh, kw, oh, ow, sh, sw,
+// pad_top, pad_left} into out[len]; returns 0, or -1 when oneDNN has none for it.
+extern "C" int GjOnednnImplementation(int pass, const int64_t* geometry, char* out, int len) {
+  const int64_t* v = geometry;
+  Geometry g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
+  try {
+    std::lock_guard<std::mutex> hold(Lock());
+    std::string name = PassDesc(static_cast<Pass>(pass), g).impl_info_str();
+    std::snprintf(out, len, "%s", name.c_str());
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+  return 0;
 }
