@@ -3,6 +3,7 @@ random inputs for every kernel/stride/padding the layouts use, inside jit, shard
 devices and the whole network; and the fallbacks (switch, dtypes)."""
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -202,3 +203,73 @@ def test_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatc
   monkeypatch.setattr(onednn.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   built = onednn._build()
   assert built.parent == tmp_path / "tmp" / f"googlenet_jax-{os.getuid()}" and built.exists()
+
+
+_CHECKED_NETWORK = (  # a convolution and its gradient through the network's path
+    "import json, sys, warnings, numpy as np, jax, jax.numpy as jnp\n"
+    "from googlenet_jax import fast_ops, onednn\n"
+    "onednn._CHECK_CODE = sys.argv[1] or onednn._CHECK_CODE\n"
+    "x = jnp.asarray(np.random.RandomState(0).randn(2, 12, 12, 8).astype(np.float32))\n"
+    "w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 8, 4).astype(np.float32))\n"
+    "f = lambda x, w: jax.value_and_grad(lambda w: (fast_ops.conv2d(x, w, 1, 1) ** 2).sum())(w)\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "  warnings.simplefilter('always')\n"
+    "  y = jax.jit(f)(x, w)\n"
+    "  y = jax.jit(f)(x, w)\n"
+    "  hlo = jax.jit(f).lower(x, w).as_text()\n"
+    "with onednn.use_onednn(False):\n"
+    "  ref = jax.jit(f)(x, w)\n"
+    "print(json.dumps({'warnings': [str(c.message) for c in caught if 'oneDNN' in str(c.message)],\n"
+    "                  'available': onednn.available(), 'uses_onednn': 'onednn_conv' in hlo,\n"
+    "                  'max_diff': max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))\n"
+    "                                  for a, b in zip(y, ref))}))\n")
+
+
+def _checked_network(tmp_path, check_code=""):
+  proc = subprocess.run([sys.executable, "-c", _CHECKED_NETWORK, check_code],
+                        env=dict(os.environ, GOOGLENET_JAX_CACHE=str(tmp_path), XLA_FLAGS=""),
+                        capture_output=True, text=True, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_onednn
+def test_a_crashing_check_keeps_the_run_on_xla_kernels(tmp_path):
+  """The check's child process dies of SIGSEGV: the caller lives on, on XLA's kernels, with one
+  warning naming the crash and how to report it; the verdict is cached for this machine."""
+  crash = "import ctypes; ctypes.string_at(0)"  # a native crash in the child
+  got = _checked_network(tmp_path, crash)
+  assert not got["available"] and not got["uses_onednn"]
+  assert len(got["warnings"]) == 1, got["warnings"]
+  assert "SIGSEGV" in got["warnings"][0] and "report" in got["warnings"][0], got["warnings"]
+  assert got["max_diff"] == 0.0  # both are XLA's kernels
+  verdicts = list(tmp_path.glob("*.check-*.json"))
+  assert len(verdicts) == 1 and "SIGSEGV" in json.loads(verdicts[0].read_text())["failure"]
+  # The next process trusts the cached verdict (the real check would pass) ...
+  assert not _checked_network(tmp_path)["available"]
+  # ... until the verdict is removed.
+  verdicts[0].unlink()
+  got = _checked_network(tmp_path)
+  assert got["available"] and got["uses_onednn"] and got["warnings"] == []
+  assert got["max_diff"] < 1e-4
+  assert json.loads(verdicts[0].read_text())["failure"] is None
+
+
+@needs_onednn
+def test_a_check_that_finds_wrong_values_is_reported(tmp_path):
+  wrong = "print('oneDNN convolutions differ from lax: forward of case X'); raise SystemExit(1)"
+  got = _checked_network(tmp_path, wrong)
+  assert not got["available"] and len(got["warnings"]) == 1
+  assert "exited with status 1" in got["warnings"][0] and "differ from lax" in got["warnings"][0]
+
+
+def test_the_check_is_cached_per_isa_cap(monkeypatch, tmp_path):
+  library = tmp_path / "onednn_conv-0123.so"
+  monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+  host = onednn._check_path(library)
+  monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+  capped = onednn._check_path(library)
+  monkeypatch.setenv("ONEDNN_VERBOSE", "1")  # logging only: the same kernels
+  assert onednn._check_path(library) == capped != host
+  assert capped.parent == tmp_path and capped.name.startswith("onednn_conv-0123.check-")
