@@ -52,9 +52,10 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   # Before JAX starts its threads: reuse freed host memory (XLA:CPU's per-step temporaries
-  # would otherwise be page-faulted in anew every step; GOOGLENET_JAX_HOST_MALLOC=system: off).
-  from googlenet_jax import host_memory  # pylint: disable=import-outside-toplevel
-  host_memory.reuse_freed_memory()
+  # would otherwise be page-faulted in anew every step; GOOGLENET_JAX_HOST_MALLOC=system: off)
+  # and let oneDNN's OpenMP threads wait passively.
+  from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
+  cpu.setup_process()
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
@@ -63,15 +64,20 @@ def main(argv):
   if FLAGS.coordinator_address or FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from googlenet_jax import cli  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
   cli.enable_compilation_cache()
-  from googlenet_jax import training  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
   cli.configure_logging("%(asctime)s %(levelname)s %(message)s", libraries=logging.WARNING)
+  input_pipeline.keep_tensorflow_off_accelerators()
+  on_cpu = jax.default_backend() == "cpu"
   try:
-    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    # The network's ops: XLA:CPU's faster kernels on CPU, plain lax elsewhere.
+    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                         ops=cpu.ops_for_backend(), fast_init=on_cpu)
   except (ValueError, DatasetError, FloatingPointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

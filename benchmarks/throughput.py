@@ -15,7 +15,7 @@ Reported: median img/s over the rounds, JAX / best-PyTorch ratios, the first-ste
 peak memory, the load average (the machine may be shared: read the ratios) and each
 implementation's last training loss, which must be finite (`--lr`, small by default).
 On a GPU the same script runs in bfloat16 (JAX half_precision, PyTorch autocast).
-The process reuses freed host memory as train.py does (`googlenet_jax.host_memory`; both
+The process reuses freed host memory as train.py does (`googlenet_jax.cpu.host_memory`; both
 frameworks gain from it, JAX more); --system-malloc keeps glibc's defaults.
 """
 
@@ -42,7 +42,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from googlenet_jax import compile_time, convert, fast_ops, host_memory, training  # noqa: E402
+from googlenet_jax import train as training  # noqa: E402
+from googlenet_jax import cpu  # noqa: E402
+from googlenet_jax.cpu import compile_time, host_memory  # noqa: E402
+from googlenet_jax.ops import LAX  # noqa: E402
+from googlenet_jax import convert  # noqa: E402
 
 STABLE_KEYS = ("jax_train_img_s", "jax_infer_img_s", "torch_nchw_train_img_s",
                "torch_nchw_infer_img_s", "torch_best_train_img_s", "torch_best_infer_img_s",
@@ -58,13 +62,13 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
   p.add_argument("--iters", type=int, default=2, help="steps per implementation per round")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-  p.add_argument("--fast-ops", choices=["auto", "on", "off"], default="auto",
-                 help="googlenet_jax.fast_ops selection (auto: per backend)")
+  p.add_argument("--ops", choices=["auto", "lax", "cpu-xla", "cpu-onednn"], default="auto",
+                 help="the network's ops (auto: googlenet_jax.cpu.ops_for_backend(), as train.py)")
   p.add_argument("--no-compile-torch", action="store_true", help="skip torch.compile")
   p.add_argument("--torch-compile-train", action="store_true",
                  help="also time a torch.compile'd training step (minutes to compile on CPU)")
   p.add_argument("--also-plain", action="store_true",
-                 help="also time the JAX step with fast_ops off (plain lax), interleaved")
+                 help="also time the JAX step on plain lax (googlenet_jax.ops.LAX), interleaved")
   p.add_argument("--no-torch", action="store_true", help="JAX only (ratios are then absent)")
   p.add_argument("--pipeline", action="store_true",
                  help="also time the input pipeline alone (JPEG folder, inception crop)")
@@ -76,7 +80,7 @@ def parse_args(argv=None):
                       "(0.05) reaches inf/NaN within two steps")
   p.add_argument("--system-malloc", action="store_true",
                  help="keep glibc's default malloc (by default the process reuses freed memory "
-                      "as train.py does: googlenet_jax.host_memory; it applies to both frameworks)")
+                      "as train.py does: googlenet_jax.cpu.host_memory; it applies to both frameworks)")
   p.add_argument("--json", help="write the figures here")
   return p.parse_args(argv)
 
@@ -158,15 +162,15 @@ def make_config(args):
 
 class JaxBench:
 
-  def __init__(self, args, config):
+  def __init__(self, args, config, ops):
     self.batch = args.batch
     device = jax.devices()[0]
     self.parallel = training.Parallel(config.parallel, [device])
-    self.model = training.create_model(config, config.num_classes)
+    self.model = training.create_model(config, config.num_classes, ops)
     self.tx = training.create_optimizer(config, 100, 1000)
     t = time.perf_counter()
     state = training.create_train_state(self.model, self.tx, config,
-                                        (1, args.size, args.size, 3))
+                                        (1, args.size, args.size, 3), fast_init=True)
     jax.block_until_ready(state)
     self.init_s = time.perf_counter() - t
     self.state = self.parallel.replicate(jax.device_get(state))
@@ -273,7 +277,7 @@ class TorchBench:
 def time_pipeline(args, steps=6):
   """Images/s of the input pipeline alone: a folder of JPEGs, inception crop, at --size."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   config = make_config(args)
   root = tempfile.mkdtemp(prefix="gjax_pipe_")
   rng = np.random.RandomState(0)
@@ -300,19 +304,19 @@ def time_pipeline(args, steps=6):
 
 
 def run(args) -> dict:
-  if args.fast_ops != "auto":
-    fast_ops.set_enabled(args.fast_ops == "on")
+  ops = {"auto": None, "lax": LAX, "cpu-xla": cpu.FAST_XLA,
+         "cpu-onednn": cpu.ONEDNN}[args.ops] or cpu.ops_for_backend()
   torch.set_num_threads(args.threads)
   load_start = os.getloadavg()
   config = make_config(args)
   gpu = jax.default_backend() != "cpu"
   res = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
          "dtype": "bfloat16" if gpu else "float32", "variant": args.variant,
-         "batch": args.batch, "size": args.size, "fast_ops": fast_ops.enabled(),
+         "batch": args.batch, "size": args.size, "ops": ops.name,
          "jax_version": jax.__version__, "torch_version": torch.__version__,
          "host_malloc_reused": host_memory.applied()}
   print(f"[{time.strftime('%H:%M:%S')}] JAX: init + compile ...", flush=True)
-  jb = JaxBench(args, config)
+  jb = JaxBench(args, config, ops)
   res.update(init_s=jb.init_s, compile_s=jb.compile_s, infer_compile_s=jb.infer_compile_s,
              first_step_s=jb.first_step_s, jax_train_temp_gib=jb.train_temp_gib)
   variables = jax.device_get(jb.variables())
@@ -320,8 +324,7 @@ def run(args) -> dict:
   modes = {}
   if args.also_plain:
     print(f"[{time.strftime('%H:%M:%S')}] JAX, plain lax: compile ...", flush=True)
-    with fast_ops.use_fast_ops(False):
-      jp = JaxBench(args, config)
+    jp = JaxBench(args, config, LAX)
     res.update(plain_compile_s=jp.compile_s, plain_infer_compile_s=jp.infer_compile_s)
     runs.update(jaxplain_train=jp.train, jaxplain_infer=jp.infer)
   if not args.no_torch:
@@ -393,11 +396,11 @@ def run(args) -> dict:
 
 def table(res) -> str:
   lines = [f"GoogLeNet {res['variant']}, batch {res['batch']}, {res['size']}x{res['size']}, "
-           f"{res['dtype']}, {res['backend']} ({res['device']}), fast_ops={res['fast_ops']}, "
+           f"{res['dtype']}, {res['backend']} ({res['device']}), ops={res['ops']}, "
            f"host malloc {'reused' if res.get('host_malloc_reused') else 'system default'}",
            "", "| implementation | train img/s | infer img/s | train MFU | infer MFU |",
            "|---|---|---|---|---|"]
-  names = [("jax", "JAX (this project)"), ("jaxplain", "JAX, plain lax (fast_ops off)"), ("torch_nchw", "PyTorch eager NCHW"),
+  names = [("jax", "JAX (this project)"), ("jaxplain", "JAX, plain lax (ops.LAX)"), ("torch_nchw", "PyTorch eager NCHW"),
            ("torch_cl", "PyTorch eager channels_last"),
            ("torch_compile_cl", "PyTorch torch.compile channels_last")]
   for key, label in names:
@@ -447,7 +450,9 @@ def table(res) -> str:
 def main(argv=None):
   args = parse_args(argv)
   if not args.system_malloc:  # before JAX's and PyTorch's threads first allocate
-    host_memory.reuse_freed_memory()
+    cpu.setup_process()  # as train.py: freed memory reused, OpenMP waits passively
+  else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   res = run(args)
   print(table(res))
   if args.json:

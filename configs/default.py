@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.transform_input = False
   config.half_precision = False
   # Fine-tuning: start from this model directory's weights (a train.py workdir or a
-  # `python -m googlenet_jax.convert` output); classifiers of another num_classes are replaced.
+  # `python -m googlenet_jax.tools.convert` output); classifiers of another num_classes are replaced.
   config.init_from = ""
   # Data.
   config.dataset = "sklearn_digits"

@@ -1,10 +1,16 @@
-"""GoogLeNet (Inception v1) in JAX/Flax linen."""
+"""GoogLeNet (Inception v1) in JAX/Flax linen.
+
+The network is this package's top level (`models`, `layers`, `variants`, `ops`, `convert`) and
+needs only jax, flax and numpy. The other layers are subpackages: `cpu` (XLA:CPU kernels and
+process set-up), `train` (the training system) and `tools` (the command-line programs).
+"""
 
 from googlenet_jax.models import GoogLeNet, GoogLeNetOutputs, count_params, probabilities
+from googlenet_jax.ops import LAX, Ops
 from googlenet_jax.variants import LAYOUTS, TABLE_1, Layout, get_layout
 
 VARIANTS = tuple(LAYOUTS)
 
-__all__ = ["GoogLeNet", "GoogLeNetOutputs", "LAYOUTS", "Layout", "TABLE_1", "VARIANTS",
-           "count_params", "get_layout", "probabilities"]
+__all__ = ["GoogLeNet", "GoogLeNetOutputs", "LAX", "LAYOUTS", "Layout", "Ops", "TABLE_1",
+           "VARIANTS", "count_params", "get_layout", "probabilities"]
 __version__ = "0.1.0"

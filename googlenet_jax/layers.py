@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from googlenet_jax import fast_ops
+from googlenet_jax.ops import LAX, Ops, conv_pads
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -52,18 +52,15 @@ def out_size(size: int, window: int, stride: int, padding: Padding,
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: Padding = 0,
-             ceil_mode: bool = False, fast: Optional[bool] = None) -> jax.Array:
-  """Max pool whose padding never wins (it is -inf), as in PyTorch, Caffe and TF.
-
-  `fast` picks the gradient implementation (`fast_ops.enabled`); the values are the same."""
-  pads = [pool_padding(n, window, stride, padding, ceil_mode) for n in x.shape[1:3]]
-  return fast_ops.max_pool(x, window, stride, pads, fast=fast)
+             ceil_mode: bool = False, ops: Ops = LAX) -> jax.Array:
+  """Max pool whose padding never wins (it is -inf), as in PyTorch, Caffe and TF."""
+  pads = tuple(pool_padding(n, window, stride, padding, ceil_mode) for n in x.shape[1:3])
+  return ops.max_pool(x, window, stride, pads)
 
 
-def avg_pool(x: jax.Array, window: int, stride: int, fast: Optional[bool] = None) -> jax.Array:
-  """Unpadded average pool (the aux heads' 5x5/3, the paper's 7x7/1 head); `fast` picks the
-  gradient implementation (`fast_ops.enabled`)."""
-  return fast_ops.avg_pool(x, window, stride, fast=fast)
+def avg_pool(x: jax.Array, window: int, stride: int, ops: Ops = LAX) -> jax.Array:
+  """Unpadded average pool (the aux heads' 5x5/3, the paper's 7x7/1 head)."""
+  return ops.avg_pool(x, window, stride)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +104,7 @@ class Conv(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
-  fast_ops: Optional[bool] = None  # None: per backend (`fast_ops.enabled`); False: plain lax
+  ops: Ops = LAX  # the convolution's implementation (`googlenet_jax.ops`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,7 +114,8 @@ class Conv(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = fast_ops.conv2d(x, kernel, self.stride, self.padding, fast=self.fast_ops)
+    pads = conv_pads(self.padding, k, self.stride, x.shape[1:3])
+    y = self.ops.conv2d(x, kernel, self.stride, pads)
     if bias is not None:
       y = y + bias
     return y
@@ -181,7 +179,7 @@ class ConvUnit(nn.Module):
   bias_init_for_fan_in: Callable[[int], Initializer] = lambda fan_in: nn.initializers.zeros
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
-  fast_ops: Optional[bool] = None
+  ops: Ops = LAX
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -189,7 +187,7 @@ class ConvUnit(nn.Module):
     bias_init = self.bias_init_for_fan_in(x.shape[-1] * self.kernel_size ** 2)
     x = Conv(self.features, self.kernel_size, self.stride, padding, use_bias=not self.batch_norm,
              kernel_init=self.kernel_init, bias_init=bias_init, dtype=self.dtype,
-             param_dtype=self.param_dtype, fast_ops=self.fast_ops, name="conv")(x)
+             param_dtype=self.param_dtype, ops=self.ops, name="conv")(x)
     if self.batch_norm:
       x = BatchNorm(epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="bn")(x, use_running_average=not train)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from googlenet_jax import layers
 from googlenet_jax import variants as V
+from googlenet_jax.ops import LAX, Ops
 
 Dtype = Any
 ModuleDef = Any
@@ -123,7 +124,7 @@ class InceptionBlock(nn.Module):
   spec: V.Inception
   conv: ModuleDef  # a ConvUnit with the layout's normalisation, padding and initialisers
   conv_5x5_kernel: int = 5
-  fast_ops: Optional[bool] = None
+  ops: Ops = LAX
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -134,7 +135,7 @@ class InceptionBlock(nn.Module):
     branch_5x5 = self.conv(s.conv_5x5_reduce, 1, name="conv_5x5_reduce")(x, train)
     branch_5x5 = self.conv(s.conv_5x5, self.conv_5x5_kernel, name="conv_5x5")(branch_5x5, train)
     # 3x3/1 max pool, padding 1 (the same as 'SAME' at stride 1, and as torchvision's ceil_mode).
-    pooled = layers.max_pool(x, 3, 1, padding=1, fast=self.fast_ops)
+    pooled = layers.max_pool(x, 3, 1, padding=1, ops=self.ops)
     branch_pool = self.conv(s.pool_proj, 1, name="pool_proj")(pooled, train)
     return jnp.concatenate([branch_1x1, branch_3x3, branch_5x5, branch_pool], axis=-1)
 
@@ -148,14 +149,14 @@ class AuxHead(nn.Module):
   init: Initializers
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
-  fast_ops: Optional[bool] = None
+  ops: Ops = LAX
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, deterministic: bool) -> jax.Array:
     if self.layout.aux_pool == "adaptive4":
       x = layers.adaptive_avg_pool(x, 4)
     else:
-      x = layers.avg_pool(x, 5, 3, fast=self.fast_ops)
+      x = layers.avg_pool(x, 5, 3, ops=self.ops)
     x = self.conv(V.AUX_CONV_FEATURES, 1, name="conv")(x, train)
     # Flattened in NHWC order; the PyTorch converters permute fc1's (c, h, w) rows to match.
     x = x.reshape(x.shape[0], -1)
@@ -181,9 +182,9 @@ class GoogLeNet(nn.Module):
     dtype: compute dtype (e.g. bfloat16, or float64 under `jax_enable_x64`).
     param_dtype: dtype of freshly initialised parameters.
     bn_axis_name: mapped axis to average BatchNorm statistics over (cross-replica BatchNorm).
-    fast_ops: convolution / max-pool implementation: None picks per backend (the matrix-product
-      paths of `fast_ops` on CPU, native XLA kernels elsewhere), True/False force them on/off.
-      Same parameters and (to rounding) the same values either way.
+    ops: the convolution and pooling implementations (`googlenet_jax.ops.Ops`). The default,
+      `ops.LAX`, is plain `lax` on every backend; `googlenet_jax.cpu.ops()` is XLA:CPU's faster
+      set. Same parameters and (to rounding) the same values either way.
   """
   variant: str = "classic"
   num_classes: int = 1000
@@ -194,7 +195,7 @@ class GoogLeNet(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
-  fast_ops: Optional[bool] = None
+  ops: Ops = LAX
 
   @property
   def layout(self) -> V.Layout:
@@ -259,7 +260,7 @@ class GoogLeNet(nn.Module):
         layers.ConvUnit, same_padding=layout.same_padding, batch_norm=layout.batch_norm,
         bn_epsilon=layout.bn_epsilon, bn_axis_name=self.bn_axis_name,
         kernel_init=init.conv_kernel, bias_init_for_fan_in=init.bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, fast_ops=self.fast_ops)
+        param_dtype=self.param_dtype, ops=self.ops)
 
     if self.transform_input:
       scale = jnp.asarray([s / 0.5 for s in _IMAGENET_STD], x.dtype)
@@ -273,12 +274,12 @@ class GoogLeNet(nn.Module):
       if isinstance(row, V.Conv):
         x = conv(row.features, row.kernel, row.stride, name=row.name)(x, train)
       elif isinstance(row, V.MaxPool):
-        x = layers.max_pool(x, *stage_pool(layout, row.name), fast=self.fast_ops)
+        x = layers.max_pool(x, *stage_pool(layout, row.name), ops=self.ops)
       elif isinstance(row, V.LRN):
         if layout.lrn:
           x = layers.local_response_norm(x)
       elif isinstance(row, V.Inception):
-        x = InceptionBlock(row, conv, layout.conv_5x5_kernel, self.fast_ops,
+        x = InceptionBlock(row, conv, layout.conv_5x5_kernel, self.ops,
                            name=row.name)(x, train)
       elif isinstance(row, V.AuxTap) and run_aux:
         tap = x
@@ -286,11 +287,11 @@ class GoogLeNet(nn.Module):
           # Initialised at a size the aux heads cannot take: build them on a 14x14 map.
           tap = jnp.zeros((x.shape[0], 14, 14, x.shape[-1]), x.dtype)
         aux[row.name] = AuxHead(self.num_classes, layout, conv, aux_dropout, init,
-                                self.dtype, self.param_dtype, self.fast_ops, name=row.name)(
+                                self.dtype, self.param_dtype, self.ops, name=row.name)(
                                     tap, train, deterministic)
 
     if layout.head_pool == "avg7":
-      x = layers.avg_pool(x, 7, 1, fast=self.fast_ops).reshape(x.shape[0], -1)
+      x = layers.avg_pool(x, 7, 1, ops=self.ops).reshape(x.shape[0], -1)
     else:
       x = x.mean(axis=(1, 2))
     x = nn.Dropout(dropout)(x, deterministic=deterministic)

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from googlenet_jax import onednn  # noqa: E402
+from googlenet_jax import cpu  # noqa: E402
+from googlenet_jax.cpu import onednn  # noqa: E402
 from helpers import assert_conv_matches_lax, rel_err  # noqa: E402
 
 PASSES = ("forward", "backward_data", "backward_weights")
@@ -77,23 +78,22 @@ STEP_RUNS = (("classic", "pmap", 1), ("classic", "shard_map", 8),
 
 def _train(layout, mode, devices, batches, use_onednn):
   from configs import default  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   # classic's aux heads need >= 223-pixel inputs; torchvision's (adaptive pool) run at 64
   config.update(dict(variant=layout, image_size=64, batch_size=16, dropout=0.0,
                      aux_dropout=0.0, learning_rate=1e-5, aux_logits=layout != "classic"))
-  with onednn.use_onednn(use_onednn):
-    parallel = training.Parallel(mode, jax.devices()[:devices])
-    model = training.create_model(config, num_classes=10)
-    tx = training.create_optimizer(config, steps_per_epoch=10, num_steps=10)
-    state = parallel.replicate(training.create_train_state(model, tx, config, (1, 64, 64, 3)))
-    step = parallel.compile(functools.partial(training.train_step, model=model, tx=tx,
-                                              aux_loss_weight=config.aux_loss_weight))
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, parallel.batch(batch))
-      losses.append(float(metrics["loss"]))
+  parallel = training.Parallel(mode, jax.devices()[:devices])
+  model = training.create_model(config, 10, cpu.ONEDNN if use_onednn else cpu.FAST_XLA)
+  tx = training.create_optimizer(config, steps_per_epoch=10, num_steps=10)
+  state = parallel.replicate(training.create_train_state(model, tx, config, (1, 64, 64, 3)))
+  step = parallel.compile(functools.partial(training.train_step, model=model, tx=tx,
+                                            aux_loss_weight=config.aux_loss_weight))
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, parallel.batch(batch))
+    losses.append(float(metrics["loss"]))
   return jax.device_get(state.params), losses
 
 

@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from googlenet_jax import checkpointing, training
+from googlenet_jax import train as training
+
+from googlenet_jax.train import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.image_size=32", "--config.batch_size=16", "--config.num_train_steps=12",

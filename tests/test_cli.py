@@ -16,7 +16,10 @@ import torchvision
 from PIL import Image
 
 from configs import default
-from googlenet_jax import convert, count_params, evaluate, model_dir, predict, summary
+from googlenet_jax import count_params
+from googlenet_jax.tools import convert
+from googlenet_jax.tools import evaluate, predict, summary
+from googlenet_jax.train import model_dir
 from googlenet_jax.models import GoogLeNet
 from helpers import nchw_to_nhwc, rel_err
 
@@ -99,7 +102,7 @@ def test_convert_round_trip_matches_pytorch(converted, tmp_path):
 
 def test_predict_probabilities_match_pytorch_and_bad_files_are_reported(converted, images):
   directory, torch_model = converted
-  run = run_module("googlenet_jax.predict", "--workdir", directory, "--json", "--top_k", 3,
+  run = run_module("googlenet_jax.tools.predict", "--workdir", directory, "--json", "--top_k", 3,
                    images / "wide.png", images / "broken.jpg", images / "grey.jpg",
                    images / "missing.png")
   assert run.returncode == 0, run.stderr[-3000:]
@@ -125,7 +128,7 @@ def test_predict_probabilities_match_pytorch_and_bad_files_are_reported(converte
 
 def test_predict_exit_status(converted, images, tmp_path):
   directory, _ = converted
-  run = run_module("googlenet_jax.predict", "--workdir", directory, images / "broken.jpg")
+  run = run_module("googlenet_jax.tools.predict", "--workdir", directory, images / "broken.jpg")
   assert run.returncode == 1 and "not a decodable image" in run.stderr
   with pytest.raises(model_dir.ModelDirError, match="no such directory"):
     model_dir.locate(workdir=str(tmp_path / "nowhere"))
@@ -137,7 +140,7 @@ def test_predict_exit_status(converted, images, tmp_path):
 
 
 def test_convert_command_line_errors(tmp_path):
-  run = run_module("googlenet_jax.convert", "--torch", tmp_path / "missing.pth", "--variant",
+  run = run_module("googlenet_jax.tools.convert", "--torch", tmp_path / "missing.pth", "--variant",
                    "torchvision", "--out", tmp_path / "out")
   assert run.returncode == 2 and "missing.pth: no such file" in run.stderr
   assert "Traceback" not in run.stderr
@@ -256,7 +259,7 @@ def test_evaluate_single_and_multi_crop(converted, folder_config):
   assert (single["crops"], multi["crops"]) == (1, 10)
   assert evaluate.format_result(multi).endswith("(val, 10 crops)")
   # the 10-crop numbers are PyTorch's on the same crops, softmax averaged
-  from googlenet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   source = input_pipeline.open_source(loaded.config)
   split = source.splits["val"]
   nll = []
@@ -273,7 +276,7 @@ def test_evaluate_single_and_multi_crop(converted, folder_config):
 
 def test_evaluate_command_line_errors(converted):
   directory, _ = converted
-  run = run_module("googlenet_jax.evaluate", "--workdir", directory)
+  run = run_module("googlenet_jax.tools.evaluate", "--workdir", directory)
   assert run.returncode == 2 and "names no dataset" in run.stderr, run.stderr[-2000:]
   assert "Traceback" not in run.stderr
 
@@ -318,16 +321,17 @@ def test_summary_rows_match_hand_computed_values():
 
 
 def test_summary_command_line():
-  run = run_module("googlenet_jax.summary", "--variant", "paper", "--size", "224", "--markdown")
+  run = run_module("googlenet_jax.tools.summary", "--variant", "paper", "--size", "224", "--markdown")
   assert run.returncode == 0, run.stderr
   assert "| inception_3a | inception |" in run.stdout and "1502M" in run.stdout
-  run = run_module("googlenet_jax.summary", "--variant", "paper", "--size", "200")
+  run = run_module("googlenet_jax.tools.summary", "--variant", "paper", "--size", "200")
   assert run.returncode == 2 and "7x7 map" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.slow  # ~90 s on 2 busy cores: 8 replicas of 3 weight trees
 def test_train_state_written_on_8_devices_restores_for_inference_on_1(converted, tmp_path):
-  from googlenet_jax import checkpointing, training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
   directory, _ = converted
   variables = model_dir.restore_variables(model_dir.locate(workdir=str(directory))[0])
   config = default.get_config()

@@ -14,7 +14,13 @@ import optax
 import pytest
 
 from configs import default
-from googlenet_jax import checkpointing, compile_time, training
+from googlenet_jax import train as training
+
+
+from googlenet_jax.train import checkpointing
+
+
+from googlenet_jax.cpu import compile_time
 
 
 def _draw(key):
@@ -89,8 +95,8 @@ def test_all_finite_is_one_check_over_every_leaf(bad):
   tree = {"a": jnp.ones((3, 4)), "b": {"c": jnp.zeros((5,)), "d": jnp.ones((2, 2, 2))}}
   if bad is not None:
     tree["b"]["d"] = tree["b"]["d"].at[1, 0, 1].set(bad)
-  assert bool(jax.jit(training._all_finite)(tree)) == (bad is None)
-  assert bool(training._all_finite({}))
+  assert bool(jax.jit(training.steps._all_finite)(tree)) == (bad is None)
+  assert bool(training.steps._all_finite({}))
 
 
 def _small_config(**overrides):
@@ -144,7 +150,7 @@ def test_a_checkpoint_resumes_in_the_optimiser_state_form_it_was_saved_in(tmp_pa
 
   ckpt = checkpointing.Checkpointer(str(tmp_path), config)
   configured_tx = training.create_optimizer(config, 10, 10)
-  tx = training._optimizer_as_saved(ckpt, configured_tx, config, 10, 10, model, shape)
+  tx = training.loop._optimizer_as_saved(ckpt, configured_tx, config, 10, 10, model, shape)
   assert tx is not configured_tx
   parallel = training.Parallel("shard_map", jax.devices()[:1])
   state, step = ckpt.restore_or(
@@ -155,6 +161,6 @@ def test_a_checkpoint_resumes_in_the_optimiser_state_form_it_was_saved_in(tmp_pa
                jax.device_get(saved.opt_state))
 
   fresh = checkpointing.Checkpointer(str(tmp_path / "fresh"), config)
-  assert training._optimizer_as_saved(fresh, configured_tx, config, 10, 10, model,
+  assert training.loop._optimizer_as_saved(fresh, configured_tx, config, 10, 10, model,
                                       shape) is configured_tx
   fresh.close()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from googlenet_jax import input_pipeline
+from googlenet_jax.train import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from googlenet_jax import fast_ops, layers, onednn
+from googlenet_jax import cpu, layers
+from googlenet_jax.cpu import fast_ops
+from googlenet_jax.ops import LAX, conv_pads, lax_avg_pool
 from googlenet_jax.models import GoogLeNet
 from helpers import assert_conv_matches_lax, rel_err
 
@@ -20,6 +22,10 @@ def _lax_conv(x, w, stride, padding):
   pads = "SAME" if padding == "SAME" else ((padding, padding), (padding, padding))
   return lax.conv_general_dilated(x, w, (stride, stride), pads,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _fast_conv(x, w, stride, padding):
+  return fast_ops.conv2d(x, w, stride, conv_pads(padding, w.shape[0], stride, x.shape[1:3]))
 
 
 def _value_and_grads(f, x, w, dy):
@@ -45,10 +51,8 @@ CONV_CASES = [  # (batch, size, c_in, c_out, kernel, stride, padding)
 def weight_gradients_by_taps(monkeypatch):
   """The test shapes are small: make every k x k weight gradient take the tap-dot path (the
   default keeps XLA's kernel below TAPS_MIN_OUTPUT_PIXELS; `test_small_maps_...` checks it).
-  These are the XLA paths: the oneDNN convolutions (tests/test_onednn.py) are off here."""
+  These are the XLA paths (`cpu.FAST_XLA`); the oneDNN convolutions are tests/test_onednn.py's."""
   monkeypatch.setattr(fast_ops, "TAPS_MIN_OUTPUT_PIXELS", 0)
-  with onednn.use_onednn(False):
-    yield
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -56,7 +60,7 @@ def test_conv_values_and_gradients_match_lax(case):
   n, size, ci, co, k, stride, padding = case
   x, w = _rand((n, size, size, ci), 0), _rand((k, k, ci, co), 1)
   lax_padding = "SAME" if padding == "SAME" else ((padding, padding), (padding, padding))
-  assert_conv_matches_lax(lambda a, b: fast_ops.conv2d(a, b, stride, padding, fast=True),
+  assert_conv_matches_lax(lambda a, b: _fast_conv(a, b, stride, padding),
                           x, w, stride, lax_padding)
 
 
@@ -64,7 +68,7 @@ def test_small_maps_keep_xlas_weight_gradient(monkeypatch):
   monkeypatch.setattr(fast_ops, "TAPS_MIN_OUTPUT_PIXELS", 10 * 10)
   for size, taps in ((9, False), (10, True)):
     x, w = _rand((2, size, size, 4), 0), _rand((3, 3, 4, 5), 1)
-    f = lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True)
+    f = lambda a, b: _fast_conv(a, b, 1, 1)
     jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](jnp.ones((2, size, size, 5))))(x, w))
     assert ("dot_general" in jaxpr) == taps, size
     got = _value_and_grads(f, x, w, jnp.ones((2, size, size, 5)))
@@ -78,7 +82,7 @@ def test_weight_gradient_dot_count(c_in, kernel, dots):
   """How the taps are grouped: the stem's 147 (tap x channel) rows and d2l's 49 are one dot;
   16 channels take 4 taps per dot (25 taps: 7 dots), 70 channels one tap per dot."""
   x, w = _rand((2, 12, 12, c_in), 0), _rand((kernel, kernel, c_in, 5), 1)
-  f = lambda a, b: fast_ops.conv2d(a, b, 1, kernel // 2, fast=True)
+  f = lambda a, b: _fast_conv(a, b, 1, kernel // 2)
   dy = jnp.ones((2, 12, 12, 5))
   jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](dy))(x, w))
   assert jaxpr.count("dot_general") == dots
@@ -90,7 +94,7 @@ def test_conv_float64_is_exact_to_float64_rounding():
     w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 5, 4))
     dy = jnp.asarray(np.random.RandomState(2).randn(2, 11, 11, 4))
     ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, dy)
-    got = _value_and_grads(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True), x, w, dy)
+    got = _value_and_grads(lambda a, b: _fast_conv(a, b, 1, 1), x, w, dy)
     for g, r in zip(got, ref):
       assert g.dtype == jnp.float64 and rel_err(g, r) <= 1e-12
 
@@ -100,7 +104,7 @@ def test_conv_bfloat16_close_to_float32():
   dy = _rand((1, 64, 8, 4), 2)
   ref = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, 1), x, w, dy)
   bf = lambda t: t.astype(jnp.bfloat16)
-  got = _value_and_grads(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True), bf(x), bf(w), bf(dy))
+  got = _value_and_grads(lambda a, b: _fast_conv(a, b, 1, 1), bf(x), bf(w), bf(dy))
   for g, r in zip(got, ref):
     assert g.dtype == jnp.bfloat16 and rel_err(g.astype(jnp.float32), r) <= 2e-2
 
@@ -121,7 +125,7 @@ POOL_CASES = [  # (size, window, stride, padding, ceil_mode)
 
 
 def _pool_grads(x, dy, *args, fast):
-  return _value_and_grads(lambda a, _: layers.max_pool(a, *args, fast=fast), x, None, dy)[:2]
+  return _value_and_grads(lambda a, _: layers.max_pool(a, *args, ops=cpu.FAST_XLA if fast else LAX), x, None, dy)[:2]
 
 
 @pytest.mark.parametrize("case", POOL_CASES)
@@ -131,7 +135,7 @@ def test_max_pool_values_and_gradients_match_lax(case, ties):
   x = _rand((2, size, size, 3), 3)
   if ties:  # few distinct values: most windows hold several maxima
     x = jnp.round(x)
-  y = layers.max_pool(x, window, stride, padding, ceil_mode, fast=False)
+  y = layers.max_pool(x, window, stride, padding, ceil_mode)
   dy = _rand(y.shape, 4)
   args = (window, stride, padding, ceil_mode)
   ref = jax.jit(lambda x, dy: _pool_grads(x, dy, *args, fast=False))(x, dy)
@@ -150,7 +154,7 @@ def test_avg_pool_values_and_gradients_match_lax(size, window, stride, fast):
     return lax.reduce_window(a, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
                              "VALID") / window ** 2
   y_ref, vjp_ref = jax.vjp(lax_avg, x)
-  y, vjp = jax.vjp(lambda a: fast_ops.avg_pool(a, window, stride, fast=fast), x)
+  y, vjp = jax.vjp(lambda a: (fast_ops.avg_pool if fast else lax_avg_pool)(a, window, stride), x)
   dy = _rand(y_ref.shape, 7)
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(vjp(dy)[0], vjp_ref(dy)[0], rtol=1e-6, atol=1e-6)
@@ -160,25 +164,31 @@ def test_max_pool_tie_goes_to_first_maximum_in_window_order():
   x = jnp.ones((1, 3, 3, 1))
   dy = jnp.ones((1, 1, 1, 1))
   for fast in (False, True):
-    _, vjp = jax.vjp(lambda a: layers.max_pool(a, 3, 1, 0, fast=fast), x)
+    _, vjp = jax.vjp(lambda a: layers.max_pool(a, 3, 1, 0, ops=cpu.FAST_XLA if fast else LAX), x)
     dx = vjp(dy)[0][0, :, :, 0]
     expected = np.zeros((3, 3))
     expected[0, 0] = 1.0  # like PyTorch: the first maximum in row-major window order
     np.testing.assert_array_equal(dx, expected)
 
 
-def test_switch_and_default():
-  assert fast_ops.enabled() == (jax.default_backend() == "cpu")
-  with fast_ops.use_fast_ops(False):
-    assert not fast_ops.enabled()
-    assert fast_ops.enabled(True)
-  assert fast_ops.enabled(False) is False
+def test_the_reference_network_is_plain_lax():
+  """`GoogLeNet()` lowers to lax's convolutions and pools on every backend; `cpu.FAST_XLA`
+  to the matrix-product paths (no convolution left in the forward pass of a 1x1)."""
+  x = _rand((1, 32, 32, 3), 0)
+  plain = GoogLeNet(num_classes=3, aux_logits=False)
+  assert plain.ops is LAX
+  variables = jax.eval_shape(plain.init, jax.random.key(0), x)
+  hlo = lambda model: jax.jit(model.apply).lower(variables, x).as_text()
+  text = hlo(plain)
+  assert text.count("stablehlo.convolution") == 57 and "onednn" not in text
+  text = hlo(plain.clone(ops=cpu.FAST_XLA))
+  assert text.count("stablehlo.convolution") < 57 and "onednn" not in text
 
 
 @pytest.mark.slow
 def test_network_same_parameters_and_outputs_with_and_without_fast_ops():
   x = _rand((2, 48, 48, 3), 5)
-  fast, plain = (GoogLeNet(num_classes=7, aux_logits=False, fast_ops=f) for f in (True, False))
+  fast, plain = (GoogLeNet(num_classes=7, aux_logits=False, ops=o) for o in (cpu.FAST_XLA, LAX))
   variables = jax.jit(plain.init)(jax.random.key(0), x)
   assert (jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x))
           == jax.tree.structure(variables))

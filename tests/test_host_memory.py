@@ -1,4 +1,4 @@
-"""googlenet_jax.host_memory: with glibc kept from trimming and mmap-ing and the CPU
+"""googlenet_jax.cpu.host_memory: with glibc kept from trimming and mmap-ing and the CPU
 executions on the main thread, an XLA program's temporary buffer is reused from call to call
 instead of being page-faulted in anew."""
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # on XLA's worker thread like the train step's; minor page faults per call after warm-up.
 _PROBE = textwrap.dedent("""
     import json, resource, sys
-    from googlenet_jax import host_memory
+    from googlenet_jax.cpu import host_memory
     applied = host_memory.reuse_freed_memory()
     import jax, jax.numpy as jnp
     x = jnp.ones((8192, 2048), jnp.float32)
@@ -58,7 +58,7 @@ def test_temporaries_are_reused_instead_of_faulted_in():
 
 
 def test_switched_off_by_the_environment(monkeypatch):
-  from googlenet_jax import host_memory  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.cpu import host_memory  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(host_memory, "_applied", False)
   for value in ("system", "0", "off"):
     monkeypatch.setenv(host_memory.ENV, value)

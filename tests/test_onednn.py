@@ -16,7 +16,9 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from googlenet_jax import fast_ops, onednn
+from googlenet_jax import cpu
+from googlenet_jax.cpu import onednn
+from googlenet_jax.ops import LAX, conv_pads
 from googlenet_jax.models import GoogLeNet
 from helpers import assert_conv_matches_lax, rel_err
 
@@ -67,22 +69,21 @@ CASES = [  # (batch, height, width, c_in, c_out, kernel, stride, padding)
 @pytest.mark.parametrize("case", CASES)
 def test_values_and_gradients_match_lax(case):
   n, h, wd, ci, co, k, stride, padding = case
-  pads = fast_ops.conv_pads(padding, k, stride, (h, wd))
+  pads = conv_pads(padding, k, stride, (h, wd))
   x, w = _rand((n, h, wd, ci), 0), _rand((k, k, ci, co), 1)
   assert_conv_matches_lax(lambda a, b: onednn.conv2d(a, b, stride, pads), x, w, stride, pads)
 
 
 @needs_onednn
-def test_fast_ops_takes_onednn_for_float32_only():
+def test_cpu_ops_take_onednn_for_float32_only():
   x, w = _rand((2, 8, 8, 4), 0), _rand((3, 3, 4, 5), 1)
-  hlo = lambda x, w: jax.jit(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=True)).lower(
-      x, w).as_text()
-  assert "googlenet_jax_onednn_conv_forward" in hlo(x, w)
-  assert "onednn" not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  with onednn.use_onednn(False):
-    assert "onednn" not in hlo(x, w)
-  assert "onednn" not in jax.jit(lambda a, b: fast_ops.conv2d(a, b, 1, 1, fast=False)).lower(
-      x, w).as_text()
+  assert cpu.ops() is cpu.ONEDNN and cpu.ops(use_onednn=False) is cpu.FAST_XLA
+  pads = ((1, 1), (1, 1))
+  hlo = lambda ops, x, w: jax.jit(lambda a, b: ops.conv2d(a, b, 1, pads)).lower(x, w).as_text()
+  assert "googlenet_jax_onednn_conv_forward" in hlo(cpu.ONEDNN, x, w)
+  assert "onednn" not in hlo(cpu.ONEDNN, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert "onednn" not in hlo(cpu.FAST_XLA, x, w)
+  assert "onednn" not in hlo(LAX, x, w)
 
 
 @needs_onednn
@@ -111,17 +112,17 @@ def test_data_parallel_gradients_match_one_device():
 def test_network_outputs_and_gradients_match_xla_kernels():
   """(The PyTorch parity tests in the default run take the oneDNN path too.)"""
   x = _rand((2, 48, 48, 3), 5)
-  model = GoogLeNet(num_classes=7, aux_logits=False)
+  model = GoogLeNet(num_classes=7, aux_logits=False, ops=cpu.ONEDNN)
   variables = jax.jit(model.init)(jax.random.key(0), x)
 
-  def loss(params):
+  def loss(params, model):
     out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
     return sum(((o * jnp.arange(7.0)).sum() for o in jax.tree.leaves(out))), out
 
-  run = lambda: jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-  (l1, y1), g1 = run()
-  with onednn.use_onednn(False):
-    (l2, y2), g2 = run()
+  run = lambda m: jax.jit(jax.value_and_grad(lambda p: loss(p, m), has_aux=True))(
+      variables["params"])
+  (l1, y1), g1 = run(model)
+  (l2, y2), g2 = run(model.clone(ops=cpu.FAST_XLA))
   for a, b in zip(jax.tree.leaves(y1), jax.tree.leaves(y2)):
     assert rel_err(a, b) <= 1e-5
   flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
@@ -133,13 +134,15 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
   script = (
       "import warnings, numpy as np, jax.numpy as jnp\n"
       "from jax import lax\n"
-      "from googlenet_jax import fast_ops\n"
+      "from googlenet_jax import cpu\n"
       "x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32))\n"
       "w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 4, 5).astype(np.float32))\n"
       "with warnings.catch_warnings(record=True) as caught:\n"
       "  warnings.simplefilter('always')\n"
-      "  y = fast_ops.conv2d(x, w, 1, 1, fast=True)\n"
-      "  y = fast_ops.conv2d(x, w, 1, 1, fast=True)\n"
+      "  ops = cpu.ops()\n"
+      "  ops = cpu.ops()\n"
+      "  assert ops is cpu.FAST_XLA, ops\n"
+      "  y = ops.conv2d(x, w, 1, ((1, 1), (1, 1)))\n"
       "ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),\n"
       "                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
       "msgs = [str(c.message) for c in caught if 'oneDNN' in str(c.message)]\n"
@@ -175,7 +178,7 @@ def test_direct_call_in_a_fresh_process():
   """`onednn.conv2d` used on its own (no `available()` first) registers its custom calls."""
   script = (
       "import jax, jax.numpy as jnp\n"
-      "from googlenet_jax import onednn\n"
+      "from googlenet_jax.cpu import onednn\n"
       "x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))\n"
       "g = jax.jit(jax.grad(lambda x: onednn.conv2d(x, w, 1, ((1, 1), (1, 1))).sum()))(x)\n"
       "assert float(g[0, 2, 2, 0]) == 36.0, g[0, 2, 2, 0]\n"
@@ -207,18 +210,20 @@ def test_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatc
 
 _CHECKED_NETWORK = (  # a convolution and its gradient through the network's path
     "import json, sys, warnings, numpy as np, jax, jax.numpy as jnp\n"
-    "from googlenet_jax import fast_ops, onednn\n"
+    "from googlenet_jax import cpu\n"
+    "from googlenet_jax.cpu import onednn\n"
     "onednn._CHECK_CODE = sys.argv[1] or onednn._CHECK_CODE\n"
     "x = jnp.asarray(np.random.RandomState(0).randn(2, 12, 12, 8).astype(np.float32))\n"
     "w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 8, 4).astype(np.float32))\n"
-    "f = lambda x, w: jax.value_and_grad(lambda w: (fast_ops.conv2d(x, w, 1, 1) ** 2).sum())(w)\n"
+    "conv = lambda ops: lambda x, w: jax.value_and_grad(\n"
+    "    lambda w: (ops.conv2d(x, w, 1, ((1, 1), (1, 1))) ** 2).sum())(w)\n"
     "with warnings.catch_warnings(record=True) as caught:\n"
     "  warnings.simplefilter('always')\n"
+    "  f = conv(cpu.ops())\n"
     "  y = jax.jit(f)(x, w)\n"
     "  y = jax.jit(f)(x, w)\n"
     "  hlo = jax.jit(f).lower(x, w).as_text()\n"
-    "with onednn.use_onednn(False):\n"
-    "  ref = jax.jit(f)(x, w)\n"
+    "ref = jax.jit(conv(cpu.FAST_XLA))(x, w)\n"
     "print(json.dumps({'warnings': [str(c.message) for c in caught if 'oneDNN' in str(c.message)],\n"
     "                  'available': onednn.available(), 'uses_onednn': 'onednn_conv' in hlo,\n"
     "                  'max_diff': max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))\n"

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import pytest
 from jax.extend import core as jcore
 
-from googlenet_jax import GoogLeNet, LAYOUTS, onednn
+from googlenet_jax import GoogLeNet, LAYOUTS
+
+from googlenet_jax.cpu import onednn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ISA_CAPS = ["SSE41", "AVX2", "AVX512_CORE", None]  # None: the host's own
@@ -72,7 +74,7 @@ def network_convolutions() -> list:
   five layouts at their three test sizes, with the size labels that produce it."""
   cases = {}
   for name in LAYOUTS:
-    model = GoogLeNet(variant=name, num_classes=10, fast_ops=False)  # plain lax: visible convs
+    model = GoogLeNet(variant=name, num_classes=10)  # plain lax: the convolutions are visible
     for label, size in _sizes(model).items():
       train = model.has_aux and _accepts(model, size, True)
       x = jax.ShapeDtypeStruct((1, size, size, model.layout.in_channels), jnp.float32)

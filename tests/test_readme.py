@@ -44,23 +44,23 @@ COMMANDS = {
         "trains for minutes; the same train.py command is run to >= 95% by the slow test",
         "tests/test_end_to_end.py::test_default_run_reaches_95_percent", "Makefile"),
     "make test": Elsewhere("the test suite itself", ".ci/run"),
-    "python -m googlenet_jax.predict --workdir runs/default digit.png": Run(),
-    "python -m googlenet_jax.evaluate --workdir runs/default --multi_crop": Run(),
-    "python -m googlenet_jax.convert --torch googlenet-1378be20.pth --variant torchvision "
+    "python -m googlenet_jax.tools.predict --workdir runs/default digit.png": Run(),
+    "python -m googlenet_jax.tools.evaluate --workdir runs/default --multi_crop": Run(),
+    "python -m googlenet_jax.tools.convert --torch googlenet-1378be20.pth --variant torchvision "
     "--out runs/torchvision_imagenet": Run(),
-    "python -m googlenet_jax.predict --workdir runs/torchvision_imagenet cat.jpg": Run(),
+    "python -m googlenet_jax.tools.predict --workdir runs/torchvision_imagenet cat.jpg": Run(),
     # No ImageNet here: the same command on the digits, through the ImageNet config's
     # preprocessing (resize 256/224 of the size, centre crop, ImageNet mean/std).
-    "python -m googlenet_jax.evaluate --config configs/imagenet_torchvision.py "
+    "python -m googlenet_jax.tools.evaluate --config configs/imagenet_torchvision.py "
     "--workdir runs/torchvision_imagenet": Run(
         "--config.dataset=sklearn_digits", "--config.image_size=32",
         "--config.eval_batch_size=64"),
-    "python -m googlenet_jax.convert --checkpoint runs/torchvision_imagenet "
+    "python -m googlenet_jax.tools.convert --checkpoint runs/torchvision_imagenet "
     "--to-torch googlenet_roundtrip.pth": Run(),
     "python train.py --config configs/default.py --workdir runs/digits_from_imagenet "
     "--config.init_from=runs/torchvision_imagenet --config.normalize=imagenet "
     "--config.transform_input=true": Run(*TINY_TRAIN),
-    "python -m googlenet_jax.summary --variant paper --size 224": Run(),
+    "python -m googlenet_jax.tools.summary --variant paper --size 224": Run(),
     "python benchmarks/throughput.py --variant classic --batch 32 --size 224 "
     "--json runs/bench.json": Elsewhere(
         "takes ~8 minutes; the same script runs tiny (all JSON keys checked)",
@@ -150,7 +150,7 @@ def _config_of(command: str):
 
 
 def test_training_commands_have_valid_configs():
-  from googlenet_jax import training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
   checked = 0
   for command, how in COMMANDS.items():
     if isinstance(how, Elsewhere) and CONFIG_CHECKED in how.where:
@@ -162,7 +162,7 @@ def test_training_commands_have_valid_configs():
 
 
 def test_summary_command_runs():
-  command = "python -m googlenet_jax.summary --variant paper --size 224"
+  command = "python -m googlenet_jax.tools.summary --variant paper --size 224"
   assert command in readme_commands()
   run = subprocess.run([sys.executable] + shlex.split(command)[1:], cwd=ROOT,
                        capture_output=True, text=True, timeout=300,
@@ -202,7 +202,7 @@ def test_readme_commands_run(tmp_path):
     if script:
       args[1] = os.path.join(ROOT, "train.py")
       args.append(data_dir)
-    elif "googlenet_jax.evaluate" in args and "--config" in args:
+    elif "googlenet_jax.tools.evaluate" in args and "--config" in args:
       args.append(data_dir)
     if "--config" in args:
       i = args.index("--config") + 1
@@ -227,7 +227,7 @@ def test_readme_commands_run(tmp_path):
 @pytest.mark.slow
 def test_readme_fine_tuning_snippet_runs(tmp_path, capsys):
   """The API section's fine-tuning example, on a converted random-weight torchvision file."""
-  from googlenet_jax import convert  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.tools import convert  # pylint: disable=import-outside-toplevel
   blocks = [b for b in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
             if "merge_pretrained" in b]
   assert len(blocks) == 1

@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from googlenet_jax import checkpointing, input_pipeline, training
+from googlenet_jax import train as training
+
+from googlenet_jax.train import checkpointing, input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.image_size=32", "--config.batch_size=16", "--config.num_train_steps=12",
@@ -382,11 +384,11 @@ def _steps_metrics(finite):
 
 
 def test_nonfinite_guard_stops_or_skips_and_counts():
-  guard = training._NonFiniteGuard(0, _FakeCkpt())  # pylint: disable=protected-access
+  guard = training.loop._NonFiniteGuard(0, _FakeCkpt())  # pylint: disable=protected-access
   with pytest.raises(FloatingPointError, match="non-finite loss or parameters at step 6 .*"
                      "/w/checkpoints/4, is intact"):
     guard.check(_steps_metrics([1, 0]), 6)
-  guard = training._NonFiniteGuard(2, _FakeCkpt())  # pylint: disable=protected-access
+  guard = training.loop._NonFiniteGuard(2, _FakeCkpt())  # pylint: disable=protected-access
   out = guard.summarize(_steps_metrics([1, 0, 0, 1]), 4)
   assert out == {"loss": 1.0, "top1": 0.5, "top5": 1.0, "skipped_steps": 2.0}
   pending = _steps_metrics([0, 0])

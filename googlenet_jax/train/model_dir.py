@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from googlenet_jax import variants
 from googlenet_jax.models import GoogLeNet
+from googlenet_jax.ops import LAX, Ops
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -142,7 +143,7 @@ def locate(workdir: Optional[str] = None, checkpoint: Optional[str] = None) -> t
     model_dir, steps_dir = os.path.dirname(path), path
   else:
     raise ModelDirError(f"{path}: no checkpoints (expected {path}/{CHECKPOINTS}/<step>, written "
-                        "by train.py or googlenet_jax.convert)")
+                        "by train.py or googlenet_jax.tools.convert)")
   steps = [s for s in _steps(steps_dir) if _is_step_dir(os.path.join(steps_dir, str(s)))]
   if not steps:
     raise ModelDirError(f"{steps_dir}: no complete checkpoint")
@@ -323,7 +324,7 @@ def inference_config(record: Optional[dict], override: Any, where: str) -> Any:
   network fields (`MODEL_FIELDS`) still taken from config.json, since they define the weights."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   if record is None and override is None:
-    raise ModelDirError(f"{where} has no {CONFIG_FILE} (train.py and googlenet_jax.convert write "
+    raise ModelDirError(f"{where} has no {CONFIG_FILE} (train.py and googlenet_jax.tools.convert write "
                         "one); pass the training config with --config FILE")
   if override is None:
     return ml_collections.ConfigDict(record)
@@ -341,13 +342,14 @@ def inference_config(record: Optional[dict], override: Any, where: str) -> Any:
 
 
 def load_for_inference(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
-                       config: Any = None, use_ema: Optional[bool] = None) -> LoadedModel:
+                       config: Any = None, use_ema: Optional[bool] = None,
+                       ops: Ops = LAX) -> LoadedModel:
   """Restore a model directory's newest checkpoint (or the given one) for inference on one
-  device. `use_ema` None: the config's `eval_with_ema`."""
+  device. `use_ema` None: the config's `eval_with_ema`; `ops` as `GoogLeNet.ops`."""
   step_dir, directory = locate(workdir, checkpoint)
   record = read_config(directory)
   cfg = inference_config(record, config, directory)
-  model = create_model(cfg)
+  model = create_model(cfg, ops=ops)
   if use_ema is None:
     use_ema = bool(cfg.get("eval_with_ema", False))
   variables = restore_variables(step_dir, use_ema=use_ema)

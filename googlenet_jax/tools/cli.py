@@ -10,8 +10,6 @@ import os
 import sys
 from typing import Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 USAGE_ERROR = 2
 
 
@@ -48,12 +46,22 @@ def enable_compilation_cache() -> Optional[str]:
 
 
 def setup() -> None:
-  """Our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR; compilation cache on;
-  freed host memory reused (`host_memory.reuse_freed_memory`)."""
-  from googlenet_jax import host_memory  # pylint: disable=import-outside-toplevel
-  host_memory.reuse_freed_memory()
+  """A tool's process set-up, first thing in its `main`: TensorFlow's C++ logs quiet and off
+  the accelerators, our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR,
+  compilation cache on, and on CPU `googlenet_jax.cpu.setup_process()`."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
+  cpu.setup_process()
   configure_logging()
   enable_compilation_cache()
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  input_pipeline.keep_tensorflow_off_accelerators()
+
+
+def model_ops():
+  """The ops the tools build their model with: `googlenet_jax.cpu.ops_for_backend()`."""
+  from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
+  return cpu.ops_for_backend()
 
 
 def fail(message: str) -> None:

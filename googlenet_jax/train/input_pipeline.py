@@ -22,10 +22,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# TensorFlow only feeds the input pipeline: it must never take an accelerator from JAX.
-tf.config.set_visible_devices([], "GPU")
-tfds.display_progress_bar(False)
-tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  """TensorFlow only feeds the input pipeline: hide the GPUs and TPUs from it (and TFDS's
+  progress bars), so that it never takes an accelerator's memory from JAX. Process-wide: for
+  a program's `main` (train.py, the tools), before TensorFlow first runs an op."""
+  tf.config.set_visible_devices([], "GPU")
+  if tf.config.list_physical_devices("TPU"):
+    tf.config.set_visible_devices([], "TPU")
+  tfds.display_progress_bar(False)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 MEANS = {"imagenet": (0.485, 0.456, 0.406), "half": (0.5, 0.5, 0.5), "unit": (0.0, 0.0, 0.0)}
@@ -84,7 +90,7 @@ def open_source(config) -> Source:
 
 
 def _digits_source(config) -> Source:
-  from googlenet_jax import digits  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import digits  # pylint: disable=import-outside-toplevel
   builder = digits.SklearnDigits(data_dir=config.get("data_dir") or None)
   if not builder.is_prepared():
     try:

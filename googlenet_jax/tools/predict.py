@@ -1,7 +1,7 @@
 """Classify image files with a trained or converted GoogLeNet.
 
-  python -m googlenet_jax.predict --workdir DIR IMAGE [IMAGE ...]
-  python -m googlenet_jax.predict --checkpoint DIR/checkpoints/STEP IMAGE ... [--json] [--top_k 5]
+  python -m googlenet_jax.tools.predict --workdir DIR IMAGE [IMAGE ...]
+  python -m googlenet_jax.tools.predict --checkpoint DIR/checkpoints/STEP IMAGE ... [--json] [--top_k 5]
 
 Prints the top-k classes with their probabilities for each image, preprocessed exactly as the
 evaluation does (resize / centre crop / normalisation from the model directory's config.json, or
@@ -18,14 +18,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from googlenet_jax import cli
+from googlenet_jax.tools import cli
 
 
 def load_image(path: str, config: Any) -> np.ndarray:
   """An image file -> the float32 (size, size, channels) array the evaluation would feed.
   Raises ValueError naming the file when it cannot be read or decoded."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -88,13 +88,13 @@ def format_text(records: list[dict]) -> str:
 def run(argv: Sequence[str], flags) -> int:
   paths = list(argv[1:])
   if not paths:
-    cli.fail("no image files given: python -m googlenet_jax.predict --workdir DIR IMAGE...")
+    cli.fail("no image files given: python -m googlenet_jax.tools.predict --workdir DIR IMAGE...")
   if flags.top_k < 1:
     cli.fail(f"--top_k must be >= 1, got {flags.top_k}")
-  from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import model_dir  # pylint: disable=import-outside-toplevel
   with cli.user_errors():
     loaded = model_dir.load_for_inference(flags.workdir, flags.checkpoint, flags.config,
-                                          use_ema=flags.use_ema)
+                                          use_ema=flags.use_ema, ops=cli.model_ops())
   records = predict_files(loaded, paths, flags.top_k, flags.batch_size)
   for r in records:
     if "error" in r:
@@ -110,7 +110,7 @@ def main() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
-                      "googlenet_jax.convert's --out): its newest checkpoint.")
+                      "googlenet_jax.tools.convert's --out): its newest checkpoint.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
                       "DIR/best/STEP) instead of --workdir.")
   config_flags.DEFINE_config_file("config", None, "Config file, when the model directory has no "

@@ -21,46 +21,20 @@ functions here compute the same values with matrix products that XLA:CPU runs we
   time from output-sized arrays; a stride-1 pool adds shifted views. Neither uses
   select-and-scatter.
 
-Selection: `enabled()` is True on the CPU backend unless switched off, globally with
-`set_enabled(False)` / the `use_fast_ops(False)` context manager / the environment variable
-`GOOGLENET_JAX_FAST_OPS=0` (or `=1` to force them on any backend), or per model with
-`GoogLeNet(fast_ops=False)`. GPU and TPU keep the native XLA kernels (cuDNN & co.) by default.
+`FAST_XLA` (in `googlenet_jax.cpu`) is the set of them as `Ops`; `googlenet_jax.cpu.ops()` adds the
+oneDNN convolutions where they work. The values are those of `googlenet_jax.ops.LAX` to
+rounding (tests/test_fast_ops.py).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from googlenet_jax import onednn, switches
-
-Pads = Sequence[tuple[int, int]]
-
-_SWITCH = switches.Switch("GOOGLENET_JAX_FAST_OPS")
-_DIMS = ("NHWC", "HWIO", "NHWC")
-
-
-def set_enabled(value: Optional[bool]) -> None:
-  """True/False forces the fast paths on/off; None restores the per-backend default."""
-  _SWITCH.set(value)
-
-
-def use_fast_ops(value: Optional[bool]):
-  """Context manager form of `set_enabled` (takes effect when a function is traced)."""
-  return _SWITCH.use(value)
-
-
-def enabled(override: Optional[bool] = None) -> bool:
-  """Whether to use the fast paths: a module's explicit setting, else the global switch, else
-  the environment variable, else the backend (only XLA:CPU benefits)."""
-  for value in (override, _SWITCH.value()):
-    if value is not None:
-      return value
-  return jax.default_backend() == "cpu"
+from googlenet_jax.ops import Pads, lax_avg_pool, lax_conv2d
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,22 +64,6 @@ def wgrad_dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------
 # Convolutions.
-
-
-def _native_conv(x, w, stride: int, pads: Pads):
-  return lax.conv_general_dilated(x, w, (stride, stride), tuple(pads), dimension_numbers=_DIMS)
-
-
-def conv_pads(padding, kernel: int, stride: int, hw: Sequence[int]) -> tuple[tuple[int, int], ...]:
-  """Explicit (low, high) padding per spatial axis for an int or 'SAME' padding."""
-  if padding == "SAME":
-    out = []
-    for n in hw:
-      o = -(-n // stride)
-      total = max((o - 1) * stride + kernel - n, 0)
-      out.append((total // 2, total - total // 2))
-    return tuple(out)
-  return ((padding, padding), (padding, padding))
 
 
 @jax.custom_vjp
@@ -167,11 +125,11 @@ def conv_weight_grad(x, dy, kernel: int, stride: int, pads: Pads) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_kxk(x, w, stride, pads):
-  return _native_conv(x, w, stride, pads)
+  return lax_conv2d(x, w, stride, pads)
 
 
 def _conv_kxk_fwd(x, w, stride, pads):
-  return _native_conv(x, w, stride, pads), (x, w)
+  return lax_conv2d(x, w, stride, pads), (x, w)
 
 
 # Below this many output pixels per image XLA's weight-gradient kernel is as fast as the tap
@@ -183,11 +141,11 @@ TAPS_MIN_OUTPUT_PIXELS = 400
 def _conv_kxk_bwd(stride, pads, res, dy):
   x, w = res
   if dy.shape[1] * dy.shape[2] >= TAPS_MIN_OUTPUT_PIXELS:
-    _, vjp_x = jax.vjp(lambda x_: _native_conv(x_, w, stride, pads), x)
+    _, vjp_x = jax.vjp(lambda x_: lax_conv2d(x_, w, stride, pads), x)
     (dx,) = vjp_x(dy)
     dw = conv_weight_grad(x, dy, w.shape[0], stride, pads).astype(w.dtype)
   else:
-    _, vjp = jax.vjp(lambda x_, w_: _native_conv(x_, w_, stride, pads), x, w)
+    _, vjp = jax.vjp(lambda x_, w_: lax_conv2d(x_, w_, stride, pads), x, w)
     dx, dw = vjp(dy)
   return dx, dw
 
@@ -195,30 +153,18 @@ def _conv_kxk_bwd(stride, pads, res, dy):
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
-def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
-           fast: Optional[bool] = None) -> jax.Array:
-  """NHWC x HWIO convolution, `padding` an int (symmetric) or 'SAME'; `fast` as `enabled()`."""
-  k = w.shape[0]
-  pads = conv_pads(padding, k, stride, x.shape[1:3])
-  if not enabled(fast):
-    return _native_conv(x, w, stride, pads)
-  if (jax.default_backend() == "cpu" and onednn.enabled() and onednn.supports(x, w, stride, pads)
-      and onednn.available()):
-    return onednn.conv2d(x, w, stride, pads)
+def conv2d(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
+  """NHWC x HWIO convolution with explicit (low, high) padding per spatial axis."""
+  pads = tuple(tuple(int(v) for v in p) for p in pads)
   if w.shape[0] != w.shape[1]:
-    return _native_conv(x, w, stride, pads)
-  if k == 1 and stride == 1 and pads == ((0, 0), (0, 0)):
+    return lax_conv2d(x, w, stride, pads)
+  if w.shape[0] == 1 and stride == 1 and pads == ((0, 0), (0, 0)):
     return _conv1x1(x, w)
-  return _conv_kxk(x, w, stride, tuple(tuple(p) for p in pads))
+  return _conv_kxk(x, w, stride, pads)
 
 
 # --------------------------------------------------------------------------------------------
 # Max pooling.
-
-
-def _native_max_pool(x, window, stride, pads):
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
-                           ((0, 0), *pads, (0, 0)))
 
 
 def _separable_max_pool(x, window, stride, pads):
@@ -335,23 +281,16 @@ def _avg_matrix(size: int, window: int, stride: int, dtype) -> jax.Array:
   return jnp.where((cols >= starts) & (cols < starts + window), 1.0 / window, 0.0).astype(dtype)
 
 
-def _native_avg_pool(x, window, stride):
-  # A Python 0.0 init keeps this JAX's differentiable reduce_window_sum.
-  summed = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
-                             "VALID")
-  return summed / (window * window)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _avg_pool(x, window, stride):
-  return _native_avg_pool(x, window, stride)
+  return lax_avg_pool(x, window, stride)
 
 
 def _avg_pool_fwd(x, window, stride):
   # The residuals are the two pooling matrices (out x in per axis, a few hundred numbers).
   mh = _avg_matrix(x.shape[1], window, stride, x.dtype)
   mw = _avg_matrix(x.shape[2], window, stride, x.dtype)
-  return _native_avg_pool(x, window, stride), (mh, mw)
+  return lax_avg_pool(x, window, stride), (mh, mw)
 
 
 def _avg_pool_bwd(window, stride, matrices, dy):
@@ -362,17 +301,11 @@ def _avg_pool_bwd(window, stride, matrices, dy):
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
-def avg_pool(x: jax.Array, window: int, stride: int, fast: Optional[bool] = None) -> jax.Array:
-  """Unpadded (VALID) average pool."""
-  if not enabled(fast):
-    return _native_avg_pool(x, window, stride)
+def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """Unpadded (VALID) average pool; the gradient as two small matrix products."""
   return _avg_pool(x, window, stride)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, pads: Pads,
-             fast: Optional[bool] = None) -> jax.Array:
+def max_pool(x: jax.Array, window: int, stride: int, pads: Pads) -> jax.Array:
   """Max pool with explicit (low, high) padding per spatial axis that never wins (-inf)."""
-  pads = tuple(tuple(p) for p in pads)
-  if not enabled(fast):
-    return _native_max_pool(x, window, stride, pads)
-  return _max_pool(x, window, stride, pads)
+  return _max_pool(x, window, stride, tuple(tuple(int(v) for v in p) for p in pads))

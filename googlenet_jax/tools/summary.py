@@ -1,7 +1,7 @@
 """The paper's Table 1 rebuilt from the code: per layer output size, parameters and
 multiply-adds, with the paper's own params / ops columns and the difference.
 
-  python -m googlenet_jax.summary --variant paper --size 224 [--classes 1000] [--markdown]
+  python -m googlenet_jax.tools.summary --variant paper --size 224 [--classes 1000] [--markdown]
 
 Everything on the left is computed from the network as built (`jax.eval_shape` of `model.init`
 for the parameter shapes, the layout's size arithmetic for the feature maps): a layout's
@@ -210,7 +210,7 @@ def render(rows: list[Row], variant: str, size: int, markdown: bool = False) -> 
 
 def main(argv: Optional[list[str]] = None) -> None:
   import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog="python -m googlenet_jax.summary",
+  parser = argparse.ArgumentParser(prog="python -m googlenet_jax.tools.summary",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--variant", default="paper", choices=sorted(V.LAYOUTS))
   parser.add_argument("--size", type=int, default=None,

@@ -6,8 +6,9 @@ kind of CPU, by 1.3-1.6x in the forward pass and 2.5-4x in the two backward pass
 gradient, weight gradient) are oneDNN primitives called from the compiled XLA program; the rest
 of the network (bias, ReLU, pools, concatenation, the optimiser) stays XLA's.
 
-The small C++ shim (`csrc/onednn_conv.cc`) is compiled on first use against the oneDNN wheel
-(`onednn-cpu-gomp`, a project dependency on Linux x86-64) and jaxlib's FFI headers, into
+The small C++ shim (`csrc/onednn_conv.cc`) is compiled on first use (`available()`, which
+`googlenet_jax.cpu.ops()` calls) against the oneDNN wheel (`onednn-cpu-gomp`, the `cpu` extra,
+Linux x86-64) and jaxlib's FFI headers, into
 `$GOOGLENET_JAX_CACHE` (default `~/.cache/googlenet_jax`), keyed by the source and the
 versions. Before a process uses it, a child process checks the three passes against `lax`
 on this machine (several threads, the implementations oneDNN picks for this CPU and
@@ -15,7 +16,7 @@ on this machine (several threads, the implementations oneDNN picks for this CPU 
 native crash or a wrong result there costs the child, never the caller. `available()` says
 whether all of that worked; where it did not (no compiler, no wheel, another platform, a failed
 check) the callers keep the pure-XLA paths, with one warning saying why.
-`GOOGLENET_JAX_ONEDNN=0` switches it off. `python -m googlenet_jax.onednn` runs the check in the
+`GOOGLENET_JAX_ONEDNN=0` switches it off. `python -m googlenet_jax.cpu.onednn` runs the check in the
 foreground and prints what oneDNN picks for each pass.
 """
 
@@ -39,8 +40,6 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from googlenet_jax import switches
-
 _SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
 _TARGETS = {"forward": "GjOnednnConvForward", "backward_data": "GjOnednnConvBackwardData",
             "backward_weights": "GjOnednnConvBackwardWeights"}
@@ -48,27 +47,8 @@ _PREFIX = "googlenet_jax_onednn_conv_"
 _DISTRIBUTIONS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 
 
-_SWITCH = switches.Switch("GOOGLENET_JAX_ONEDNN")
-
-
 def _env_disabled() -> bool:
-  return _SWITCH.from_env() is False
-
-
-def set_enabled(value: Optional[bool]) -> None:
-  """False keeps `fast_ops.conv2d` on XLA's kernels; None restores the default (on where
-  available). Takes effect when a function is traced."""
-  _SWITCH.set(value)
-
-
-def use_onednn(value: Optional[bool]):
-  """Context manager form of `set_enabled`."""
-  return _SWITCH.use(value)
-
-
-def enabled() -> bool:
-  """Whether the oneDNN convolutions are wanted: `set_enabled`, else `GOOGLENET_JAX_ONEDNN`."""
-  return _SWITCH.value() is not False
+  return os.environ.get("GOOGLENET_JAX_ONEDNN", "").strip().lower() in ("0", "false", "no", "off")
 
 
 def _dist_file(dist: str, name: str) -> Optional[pathlib.Path]:
@@ -138,7 +118,7 @@ def _build() -> pathlib.Path:
 # Set in the checking child, which must not check itself again.
 _CHILD_ENV = "_GOOGLENET_JAX_ONEDNN_CHECKING"
 # What the child runs (tests replace it with a crash, to test the fallback).
-_CHECK_CODE = "from googlenet_jax import onednn; raise SystemExit(onednn.self_check())"
+_CHECK_CODE = "from googlenet_jax.cpu import onednn; raise SystemExit(onednn.self_check())"
 _CHECK_TIMEOUT_S = 300
 
 
@@ -218,10 +198,6 @@ def _load() -> Optional[str]:
   global _LIB
   if _env_disabled():
     return "switched off by GOOGLENET_JAX_ONEDNN"
-  # GNU OpenMP's threads spin between oneDNN calls by default, on the cores XLA's own threads
-  # need for the kernels in between: passive waiting measured +5-9% (train and inference, two
-  # alternating runs each). Read when libgomp loads, so only before the first oneDNN call.
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     library = _build()
   except Exception as e:  # pylint: disable=broad-except
@@ -232,7 +208,7 @@ def _load() -> Optional[str]:
       settings = ", ".join(f"{k}={v}" for k, v in _isa_settings().items()) or "no ISA cap"
       return (f"they failed their check on this machine ({_cpu_model().split(' [')[0]}; "
               f"{settings}): {failure}. Please report it to the googlenet_jax maintainers with "
-              f"the output of `python -m googlenet_jax.onednn`")
+              f"the output of `python -m googlenet_jax.cpu.onednn`")
   try:
     lib = _LIB = ctypes.CDLL(str(library))
     for kind, symbol in _TARGETS.items():
@@ -330,7 +306,7 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int, pads: Sequence[tuple[int, in
   """NHWC x HWIO float32 convolution with explicit (low, high) padding, on oneDNN.
 
   Differentiable (both backward passes are oneDNN's too). Call `available()` and `supports()`
-  first; `fast_ops.conv2d` does, and is what the network uses."""
+  first; `googlenet_jax.cpu.ops()` does, and is what the network uses."""
   reason = _load()
   if reason is not None:
     raise RuntimeError(f"oneDNN convolutions unavailable: {reason}")

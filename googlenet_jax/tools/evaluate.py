@@ -1,6 +1,6 @@
 """Top-1 / top-5 of a trained or converted GoogLeNet on a dataset split.
 
-  python -m googlenet_jax.evaluate --workdir DIR [--config FILE] [--split NAME] [--multi_crop]
+  python -m googlenet_jax.tools.evaluate --workdir DIR [--config FILE] [--split NAME] [--multi_crop]
 
 The dataset and preprocessing come from --config (with --config.field=value overrides), or from
 the model directory's config.json when --config is left out; the network (variant, num_classes,
@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from googlenet_jax import cli
+from googlenet_jax.tools import cli
 
 NUM_CROPS = 10
 
@@ -51,7 +51,7 @@ def ten_crops(image, config):
   """uint8 HWC image -> float32 (10, size, size, channels): the five crops, then their mirrors,
   normalised as `config.normalize` says."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   size, channels = config.image_size, config.get("channels", 3)
   side = multi_crop_resize(config)
   image = tf.image.convert_image_dtype(image, tf.float32)
@@ -84,7 +84,7 @@ def multi_crop_eval_step(state, batch: dict, *, model):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax import lax  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
   images = batch["image"]
   b, n = images.shape[:2]
   variables = {"params": state.params}
@@ -108,7 +108,8 @@ def evaluate_model(loaded, config: Any, split: Optional[str] = None,
   device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import input_pipeline, training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   if not config.get("dataset"):
     raise ValueError("the config names no dataset: pass --config FILE (e.g. the training config)")
   parallel = training.Parallel(config.get("parallel", "pmap"))
@@ -160,7 +161,7 @@ def main() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
-                      "googlenet_jax.convert's --out): its newest checkpoint.")
+                      "googlenet_jax.tools.convert's --out): its newest checkpoint.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
                       "DIR/best/STEP) instead of --workdir.")
   config_flags.DEFINE_config_file("config", None, "Dataset and preprocessing config (default: "
@@ -180,10 +181,10 @@ def main() -> None:
       import jax  # pylint: disable=import-outside-toplevel
       jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     cli.setup()
-    from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
+    from googlenet_jax.train import model_dir  # pylint: disable=import-outside-toplevel
     with cli.user_errors():
       loaded = model_dir.load_for_inference(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config,
-                                            use_ema=FLAGS.use_ema)
+                                            use_ema=FLAGS.use_ema, ops=cli.model_ops())
       result = evaluate_model(loaded, loaded.config, FLAGS.split, FLAGS.multi_crop)
     print(json.dumps(result) if FLAGS.json else format_result(result))
     sys.exit(0)

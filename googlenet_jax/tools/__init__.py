@@ -1,0 +1,2 @@
+"""The command-line programs: predict, evaluate, convert, summary (`python -m
+googlenet_jax.tools.NAME --help`), and their shared set-up (`cli`)."""

@@ -1,0 +1,154 @@
+"""PyTorch state_dict files <-> model directories (config.json + an Orbax checkpoint).
+
+    python -m googlenet_jax.tools.convert --torch FILE.pth --variant V --out DIR
+    python -m googlenet_jax.tools.convert --checkpoint DIR --to-torch FILE.pth
+
+The tensor mapping itself is `googlenet_jax.convert` (no PyTorch needed there).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from googlenet_jax import variants as V
+from googlenet_jax.convert import _torch_modules, flax_to_torch, torch_to_flax
+from googlenet_jax.train import model_dir
+
+# How a converted model is fed, per variant (overridable by flags): input size, channels,
+# normalisation and the eval crop (torchvision's ImageNet weights: resize 256, centre 224,
+# ImageNet mean/std, transform_input on).
+_FEEDING = {
+    "classic": dict(image_size=224, channels=3, normalize="imagenet", eval_crop_fraction=0.875,
+                    transform_input=False),
+    "torchvision": dict(image_size=224, channels=3, normalize="imagenet",
+                        eval_crop_fraction=0.875, transform_input=True),
+    "d2l": dict(image_size=96, channels=1, normalize="unit", eval_crop_fraction=1.0,
+                transform_input=False),
+}
+
+
+def _load_torch_file(path: str) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise ValueError(f"{path}: no such file") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path}: not a PyTorch state_dict file ({e.__class__.__name__}: "
+                     f"{str(e).splitlines()[0][:200]})") from None
+  for key in ("state_dict", "model", "model_state_dict"):  # training-script checkpoints
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+  if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+    raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+  if obj and all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel
+    obj = {k[len("module."):]: v for k, v in obj.items()}
+  return obj
+
+
+def torch_file_to_model_dir(path: str, variant: str, out: str, *,
+                            num_classes: Optional[int] = None,
+                            class_names: Optional[list[str]] = None, **feeding) -> str:
+  """Convert a PyTorch state_dict file into a model directory (config.json + an Orbax
+  checkpoint) that predict, evaluate and `init_from` read. Returns the checkpoint path."""
+  state_dict = _load_torch_file(path)
+  variables = torch_to_flax(state_dict, variant, num_classes=num_classes)
+  n = int(variables["params"]["classifier"]["kernel"].shape[-1])
+  if class_names is not None and len(class_names) != n:
+    raise ValueError(f"{len(class_names)} class names for a {n}-class model")
+  if class_names is None and n == 1000:
+    class_names = model_dir.imagenet_class_names()
+  record = dict(_FEEDING.get(variant, _FEEDING["classic"]))
+  record.update({k: v for k, v in feeding.items() if v is not None})
+  record.update(variant=variant, aux_logits=V.AUX_TAPS[0] in variables["params"],
+                converted_from=os.path.abspath(path))
+  if os.path.isdir(os.path.join(out, model_dir.CHECKPOINTS)):
+    raise ValueError(f"{out} already holds checkpoints; choose a new --out directory")
+  step_dir = model_dir.save_variables(out, variables)
+  model_dir.write_config(out, record, num_classes=n, class_names=class_names)
+  return step_dir
+
+
+def model_dir_to_torch_file(checkpoint: str, out: str, variant: Optional[str] = None,
+                            use_ema: bool = False) -> str:
+  """A model directory or checkpoint step directory -> a PyTorch state_dict file."""
+  import torch  # pylint: disable=import-outside-toplevel
+  step_dir, directory = model_dir.locate(checkpoint=checkpoint)
+  record = model_dir.read_config(directory) or {}
+  variant = variant or record.get("variant")
+  if variant is None:
+    raise ValueError(f"{directory} has no config.json: pass --variant")
+  if record.get("variant", variant) != variant:
+    raise ValueError(f"{directory} holds a {record['variant']!r} model, not {variant!r}")
+  if V.get_layout(variant).torch_names is None:
+    list(_torch_modules(V.get_layout(variant), False))  # raises the explanation
+  variables = model_dir.restore_variables(step_dir, use_ema=use_ema)
+  state_dict = flax_to_torch(variables, variant)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  torch.save(state_dict, out)
+  return step_dir
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  import argparse  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      prog="python -m googlenet_jax.tools.convert",
+      description="PyTorch state_dict <-> model directory (config.json + Orbax checkpoint).")
+  parser.add_argument("--torch", metavar="FILE.pth", help="PyTorch state_dict to convert")
+  parser.add_argument("--variant", choices=sorted(k for k, l in V.LAYOUTS.items()
+                                                  if l.torch_names is not None),
+                      help="layout of the state_dict (needed with --torch)")
+  parser.add_argument("--out", metavar="DIR", help="new model directory (with --torch)")
+  parser.add_argument("--num_classes", type=int, help="default: the state_dict's")
+  parser.add_argument("--class_names", metavar="FILE",
+                      help="class names, one a line (default: ImageNet's for 1000 classes)")
+  parser.add_argument("--image_size", type=int, help="input size predict/evaluate use")
+  parser.add_argument("--normalize", choices=("imagenet", "half", "unit"),
+                      help="input normalisation the weights expect")
+  parser.add_argument("--eval_crop_fraction", type=float,
+                      help="centre crop fraction (0.875: resize 256, crop 224; 1: no crop)")
+  parser.add_argument("--transform_input", choices=("true", "false"),
+                      help="torchvision's input re-normalisation (default: on for torchvision, "
+                      "as its ImageNet weights expect)")
+  parser.add_argument("--checkpoint", metavar="DIR",
+                      help="model directory or checkpoint step to export (with --to-torch)")
+  parser.add_argument("--to-torch", dest="to_torch", metavar="FILE.pth",
+                      help="write the checkpoint's weights as a PyTorch state_dict")
+  parser.add_argument("--use_ema", action="store_true", help="export the EMA weights")
+  args = parser.parse_args(argv)
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print("error: converting PyTorch files needs PyTorch (pip install torch)", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if args.torch:
+      if args.checkpoint or args.to_torch:
+        parser.error("--torch goes with --variant and --out; --checkpoint with --to-torch")
+      if not args.variant or not args.out:
+        parser.error("--torch needs --variant and --out")
+      names = None
+      if args.class_names:
+        with open(args.class_names) as f:
+          names = [line.strip() for line in f if line.strip()]
+      step_dir = torch_file_to_model_dir(
+          args.torch, args.variant, args.out, num_classes=args.num_classes, class_names=names,
+          image_size=args.image_size, normalize=args.normalize,
+          eval_crop_fraction=args.eval_crop_fraction,
+          transform_input=None if args.transform_input is None else args.transform_input == "true")
+      print(f"wrote {step_dir} and {os.path.join(args.out, 'config.json')}")
+    elif args.checkpoint and args.to_torch:
+      step_dir = model_dir_to_torch_file(args.checkpoint, args.to_torch, args.variant,
+                                         args.use_ema)
+      print(f"wrote {args.to_torch} from {step_dir}")
+    else:
+      parser.error("give --torch FILE --variant V --out DIR, or --checkpoint DIR --to-torch FILE")
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

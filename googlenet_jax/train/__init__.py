@@ -1,0 +1,21 @@
+"""Training: the state, the per-device steps, data parallelism, the loop, checkpoints, metrics
+and input. `python train.py` is the command line; these are its parts, for your own loops.
+
+One job per file: `config` (checks), `state` (model, optimiser, schedule, initialisation),
+`steps` (train and eval step, written once per device), `parallel` (pmap or shard_map),
+`metrics`, `loop` (`train_and_evaluate`), `checkpointing`, `model_dir`, `input_pipeline`,
+`digits` (the offline dataset).
+"""
+
+from googlenet_jax.train.config import validate_config
+from googlenet_jax.train.loop import evaluate, train_and_evaluate
+from googlenet_jax.train.metrics import MetricWriter
+from googlenet_jax.train.parallel import Parallel
+from googlenet_jax.train.state import (AXIS, TrainState, create_model, create_optimizer,
+                                       create_train_state, initialise_from,
+                                       learning_rate_schedule)
+from googlenet_jax.train.steps import eval_step, train_step
+
+__all__ = ["AXIS", "MetricWriter", "Parallel", "TrainState", "create_model", "create_optimizer",
+           "create_train_state", "eval_step", "evaluate", "initialise_from",
+           "learning_rate_schedule", "train_and_evaluate", "train_step", "validate_config"]
