@@ -14,6 +14,7 @@ import torchvision
 from torch.nn import functional as F
 
 from googlenet_jax import GoogLeNet, GoogLeNetOutputs
+from googlenet_jax import cpu
 from googlenet_jax.convert import flax_to_torch, torch_to_flax
 from helpers import nchw_to_nhwc, rel_err
 import torch_reference
@@ -67,6 +68,18 @@ def test_eval_logits_match_pytorch(variant, size):
   got = jax.jit(model.apply)(variables, jnp.asarray(nchw_to_nhwc(x)))
   chex.assert_shape(got, (2, NUM_CLASSES))
   chex.assert_type(got, jnp.float32)
+  assert rel_err(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("variant,size", [("torchvision", 193), ("classic", 224), ("d2l", 97)])
+def test_cpu_kernels_eval_logits_match_pytorch(variant, size):
+  """The same comparison with `ops=googlenet_jax.cpu.ops()` (oneDNN where it works)."""
+  tmodel = make_torch(variant).eval()
+  variables = torch_to_flax(tmodel.state_dict(), variant)
+  x = random_images(variant, size)
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(x)).numpy()
+  got = jax.jit(jax_model(variant, ops=cpu.ops()).apply)(variables, jnp.asarray(nchw_to_nhwc(x)))
   assert rel_err(got, ref) <= TOL
 
 

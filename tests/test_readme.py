@@ -239,3 +239,23 @@ def test_readme_fine_tuning_snippet_runs(tmp_path, capsys):
   code = blocks[0].replace('"runs/', f'"{tmp_path}/runs/').replace("224, 224", "32, 32")
   exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
   assert "['aux_after_4a/fc2', 'aux_after_4d/fc2', 'classifier']" in capsys.readouterr().out
+
+
+def test_readme_cpu_kernels_line():
+  """The API section's one line for XLA:CPU's kernels: the same values as the plain network."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import GoogLeNet, LAX, cpu  # pylint: disable=import-outside-toplevel
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+            if "ops=cpu.ops()" in b]
+  assert len(blocks) == 1
+  scope = {"GoogLeNet": GoogLeNet}
+  exec(compile(blocks[0].replace("num_classes=1000", "num_classes=10"), "README.md", "exec"),
+       scope)  # pylint: disable=exec-used
+  model = scope["model"]
+  assert model.ops in (cpu.ONEDNN, cpu.FAST_XLA) and model.ops is not LAX
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 64, 64, 3), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  fast = jax.jit(model.apply)(variables, x)
+  plain = jax.jit(model.clone(ops=LAX).apply)(variables, x)
+  assert float(jnp.linalg.norm(fast - plain) / jnp.linalg.norm(plain)) < 1e-4

@@ -84,7 +84,7 @@ def multi_crop_eval_step(state, batch: dict, *, model):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax import lax  # pylint: disable=import-outside-toplevel
-  from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import steps  # pylint: disable=import-outside-toplevel
   images = batch["image"]
   b, n = images.shape[:2]
   variables = {"params": state.params}
@@ -95,8 +95,8 @@ def multi_crop_eval_step(state, batch: dict, *, model):
   labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
   nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
   sums = {"loss": (nll * mask).sum(),
-          "top1": (training._topk_correct(probs, labels, 1) * mask).sum(),  # pylint: disable=protected-access
-          "top5": (training._topk_correct(probs, labels, 5) * mask).sum(),  # pylint: disable=protected-access
+          "top1": (steps.topk_correct(probs, labels, 1) * mask).sum(),
+          "top5": (steps.topk_correct(probs, labels, 5) * mask).sum(),
           "count": mask.sum()}
   return lax.psum(sums, training.AXIS)
 

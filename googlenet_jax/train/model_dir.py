@@ -81,7 +81,7 @@ def read_config(directory: str) -> Optional[dict]:
 
 def imagenet_class_names() -> list[str]:
   """The 1,000 ImageNet class names (package data, from torchvision's weights metadata)."""
-  path = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.txt")
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_classes.txt")
   with open(path) as f:
     return [line.rstrip("\n") for line in f if line.strip()]
 

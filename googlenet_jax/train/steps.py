@@ -21,7 +21,7 @@ def _cross_entropy(logits, labels, smoothing=0.0):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _topk_correct(logits, labels, k):
+def topk_correct(logits, labels, k):
   k = min(k, logits.shape[-1])
   top = lax.top_k(logits.astype(jnp.float32), k)[1]
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
@@ -83,8 +83,8 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
   ema = state.ema_params
   if ema is not None:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-  metrics = {"loss": loss, "top1": _topk_correct(logits, labels, 1).mean(),
-             "top5": _topk_correct(logits, labels, 5).mean()}
+  metrics = {"loss": loss, "top1": topk_correct(logits, labels, 1).mean(),
+             "top5": topk_correct(logits, labels, 5).mean()}
   metrics = lax.pmean(metrics, AXIS)
   finite = jnp.isfinite(metrics["loss"]) & _all_finite(params)
   metrics["finite"] = finite.astype(jnp.float32)
@@ -106,7 +106,7 @@ def eval_step(state: TrainState, batch: dict, *, model: GoogLeNet, use_ema: bool
   mask = batch["mask"].astype(jnp.float32)
   labels = batch["label"]
   sums = {"loss": (_cross_entropy(logits, labels) * mask).sum(),
-          "top1": (_topk_correct(logits, labels, 1) * mask).sum(),
-          "top5": (_topk_correct(logits, labels, 5) * mask).sum(),
+          "top1": (topk_correct(logits, labels, 1) * mask).sum(),
+          "top5": (topk_correct(logits, labels, 5) * mask).sum(),
           "count": mask.sum()}
   return lax.psum(sums, AXIS)
