@@ -98,7 +98,7 @@ def multi_crop_eval_step(state, batch: dict, *, model):
           "top1": (steps.topk_correct(probs, labels, 1) * mask).sum(),
           "top5": (steps.topk_correct(probs, labels, 5) * mask).sum(),
           "count": mask.sum()}
-  return lax.psum(sums, training.AXIS)
+  return lax.psum(sums, steps.AXIS)
 
 
 def evaluate_model(loaded, config: Any, split: Optional[str] = None,
