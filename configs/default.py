@@ -1,9 +1,9 @@
 """The README's main job: GoogLeNet (torchvision layout, BatchNorm) on scikit-learn's bundled
 handwritten digits at 64x64, offline, a few minutes on 2 CPU cores, >= 95% validation top-1.
 
-The recipe is the one measured in PyTorch in shared/reference/googlenet.md section 5 (SGD
-momentum 0.9, lr 0.05, weight decay 1e-4, batch 64, 6 epochs): a plain-ReLU layout (d2l,
-classic) stays at chance for this many steps; BatchNorm leaves the plateau at once.
+The recipe (SGD momentum 0.9, lr 0.05, weight decay 1e-4, batch 64, 6 epochs) is the one
+measured in PyTorch on these digits: a plain-ReLU layout (d2l, classic) stays at chance for
+this many steps; BatchNorm leaves the plateau at once.
 """
 
 import ml_collections

@@ -2,7 +2,7 @@
 
 Every variant runs the same rows of `TABLE_1` through one implementation (`models.py`); a
 `Layout` says only how a variant differs (normalisation, padding, pooling, heads, initialisers).
-Provenance of each choice: `shared/reference/googlenet.md` section 1 and the README.
+Provenance of each choice: the README's Variants section (which framework each layout follows).
 """
 
 from __future__ import annotations

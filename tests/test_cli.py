@@ -294,7 +294,7 @@ def test_summary_totals_match_the_initialised_model():
     assert totals["params_with_aux"] == count_params(params)
     without_aux = {k: v for k, v in params.items() if not k.startswith("aux")}
     assert totals["params"] == count_params(without_aux)
-  # torchvision's own count (shared/reference/googlenet.md) and its published 1.498 GFLOPS
+  # torchvision's own parameter count and its published 1.498 GFLOPS
   assert summary.totals(summary.table("torchvision", 224))["params_with_aux"] == 13_004_888
   assert abs(summary.totals(summary.table("torchvision", 224))["macs"] / 1.498e9 - 1) < 1e-3
 
