@@ -59,6 +59,8 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  if FLAGS.config.get("float64"):
+    jax.config.update("jax_enable_x64", True)
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
   if FLAGS.coordinator_address or FLAGS.distributed:
@@ -67,6 +69,7 @@ def main(argv):
   from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
   cli.enable_compilation_cache()
   from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.ops import LAX  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
@@ -75,9 +78,15 @@ def main(argv):
   input_pipeline.keep_tensorflow_off_accelerators()
   on_cpu = jax.default_backend() == "cpu"
   try:
-    # The network's ops: XLA:CPU's faster kernels on CPU, plain lax elsewhere.
-    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                         ops=cpu.ops_for_backend(), fast_init=on_cpu)
+    # The network's kernels: by default XLA:CPU's faster ones on CPU, plain lax elsewhere.
+    choice = FLAGS.config.get("ops", "auto")
+    ops = {"lax": LAX, "cpu-xla": cpu.FAST_XLA, "cpu-onednn": cpu.ONEDNN}.get(choice)
+    if choice == "auto":
+      ops = cpu.ops_for_backend()
+    elif choice == "cpu-onednn" and not cpu.onednn.available():
+      ops = cpu.FAST_XLA  # (onednn.available() warned why)
+    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, ops=ops or LAX,
+                                         fast_init=on_cpu)
   except (ValueError, DatasetError, FloatingPointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -19,6 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.aux_dropout = ml_collections.config_dict.placeholder(float)
   config.transform_input = False
   config.half_precision = False
+  # The network's kernels (`GoogLeNet.ops`): "auto" (XLA:CPU's faster ones on the CPU backend,
+  # plain lax elsewhere), "lax", "cpu-xla" (no oneDNN) or "cpu-onednn". The same parameters and,
+  # to rounding, the same values.
+  config.ops = "auto"
+  # Compute and keep parameters, statistics and optimiser state in float64 (train.py turns on
+  # jax_enable_x64); the weights are drawn in float32 and widened, so a float64 run starts where
+  # the float32 run does. For equivalence tests: float32 rounding is amplified by this network.
+  config.float64 = False
   # Fine-tuning: start from this model directory's weights (a train.py workdir or a
   # `python -m googlenet_jax.tools.convert` output); classifiers of another num_classes are replaced.
   config.init_from = ""

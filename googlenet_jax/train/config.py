@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from googlenet_jax import variants
@@ -24,6 +25,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     problems.append(f"learning_rate must be > 0, got {config.learning_rate}")
   if config.optimizer not in ("sgd", "adam", "adamw", "rmsprop"):
     problems.append(f"optimizer must be sgd, adam, adamw or rmsprop, got {config.optimizer!r}")
+  if config.get("float64") and config.half_precision:
+    problems.append("float64 and half_precision exclude each other")
+  if config.get("float64") and not jax.config.jax_enable_x64:
+    problems.append("float64 needs jax_enable_x64 (train.py turns it on for --config.float64)")
+  if config.get("ops", "auto") not in ("auto", "lax", "cpu-xla", "cpu-onednn"):
+    problems.append(f"ops must be auto, lax, cpu-xla or cpu-onednn, got {config.ops!r}")
   if config.image_size < 16:
     problems.append(f"image_size {config.image_size} is too small for a stride-32 network")
   if not (config.get("num_train_steps") or 0) > 0 and not config.num_epochs > 0:

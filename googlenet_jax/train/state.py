@@ -34,8 +34,11 @@ class TrainState:
 def create_model(config, num_classes: int, ops: Ops = LAX) -> GoogLeNet:
   """The config's network; `ops` as `GoogLeNet.ops` (`googlenet_jax.cpu.ops()` on CPU)."""
   dtype = jnp.bfloat16 if config.half_precision else None
+  param_dtype = jnp.float32
+  if config.get("float64"):
+    dtype = param_dtype = jnp.float64
   return GoogLeNet(variant=config.variant, num_classes=num_classes,
-                   aux_logits=config.get("aux_logits"), dtype=dtype,
+                   aux_logits=config.get("aux_logits"), dtype=dtype, param_dtype=param_dtype,
                    transform_input=config.get("transform_input", False),
                    dropout=config.get("dropout"), aux_dropout=config.get("aux_dropout"),
                    bn_axis_name=AXIS, ops=ops)
@@ -85,9 +88,15 @@ def create_train_state(model: GoogLeNet, tx, config, image_shape, *,
   unrolled on CPU (`compile_time.unrolled_threefry`, which swaps a JAX lowering rule while
   `init` is lowered: ~2x faster to compile, the same bits); for entry points."""
   key = jax.random.key(config.seed)
+  # float64 models start from the float32 model's weights, widened (the same trajectory).
+  wide = model.param_dtype == jnp.float64
+  init_model = model.clone(param_dtype=jnp.float32) if wide else model
   unrolled = compile_time.unrolled_threefry() if fast_init else contextlib.nullcontext()
   with unrolled, compile_time.gc_paused():
-    variables = jax.jit(model.init)(key, jnp.zeros(image_shape, jnp.float32))
+    variables = jax.jit(init_model.init)(key, jnp.zeros(image_shape, jnp.float32))
+  if wide:
+    variables = jax.tree.map(lambda x: x.astype(jnp.float64)
+                             if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,

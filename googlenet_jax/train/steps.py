@@ -14,7 +14,7 @@ from googlenet_jax.train.state import AXIS, TrainState
 
 
 def _cross_entropy(logits, labels, smoothing=0.0):
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays
   if smoothing:
     onehot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
     return optax.softmax_cross_entropy(logits, onehot)
