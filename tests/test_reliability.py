@@ -167,7 +167,7 @@ def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
 
 def test_train_py_refuses_a_locked_workdir_and_a_killed_holder_leaves_no_lock(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from googlenet_jax import checkpointing; "
+      [sys.executable, "-c", "import sys, time; from googlenet_jax.train import checkpointing; "
        "checkpointing.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
        "time.sleep(600)", str(tmp_path)],
       cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)

@@ -89,7 +89,7 @@ def create_train_state(model: GoogLeNet, tx, config, image_shape, *,
   `init` is lowered: ~2x faster to compile, the same bits); for entry points."""
   key = jax.random.key(config.seed)
   # float64 models start from the float32 model's weights, widened (the same trajectory).
-  wide = model.param_dtype == jnp.float64
+  wide = getattr(model, "param_dtype", None) == jnp.float64
   init_model = model.clone(param_dtype=jnp.float32) if wide else model
   unrolled = compile_time.unrolled_threefry() if fast_init else contextlib.nullcontext()
   with unrolled, compile_time.gc_paused():
