@@ -64,6 +64,14 @@ def model_ops():
   return cpu.ops_for_backend()
 
 
+def define_model_flags(flags) -> None:
+  """--workdir / --checkpoint: the model directory a tool reads (absl `flags` module)."""
+  flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
+                      "googlenet_jax.tools.convert's --out): its newest checkpoint.")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
+                      "DIR/best/STEP) instead of --workdir.")
+
+
 def fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(USAGE_ERROR)

@@ -160,10 +160,7 @@ def format_result(result: dict) -> str:
 def main() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
-                      "googlenet_jax.tools.convert's --out): its newest checkpoint.")
-  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
-                      "DIR/best/STEP) instead of --workdir.")
+  cli.define_model_flags(flags)
   config_flags.DEFINE_config_file("config", None, "Dataset and preprocessing config (default: "
                                   "the model directory's config.json).", lock_config=False)
   flags.DEFINE_string("split", None, "Split to evaluate (default: the dataset's eval split).")

@@ -109,10 +109,7 @@ def run(argv: Sequence[str], flags) -> int:
 def main() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
-                      "googlenet_jax.tools.convert's --out): its newest checkpoint.")
-  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
-                      "DIR/best/STEP) instead of --workdir.")
+  cli.define_model_flags(flags)
   config_flags.DEFINE_config_file("config", None, "Config file, when the model directory has no "
                                   "config.json or to change the preprocessing.", lock_config=False)
   flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
