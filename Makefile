@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
 export JAX_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
-.PHONY: train test test-all venv clean
+.PHONY: train test test-slow test-all venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,20 @@ venv: $(VENV)/.installed
 train: venv
 	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; each file stays in one of them, so
+# module fixtures are built once). Most tests wait on single-threaded XLA compiles: two workers
+# keep two cores busy. Each worker holds 8 simulated devices and a few GB.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 test: venv
-	$(PY) -m pytest -q -m "not slow" --durations=10 tests
+	$(PYTEST) -m "not slow" tests
+
+test-slow: venv
+	$(PYTEST) -m slow tests
 
 test-all: venv
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 clean:
 	rm -rf $(VENV) .jax_cache runs

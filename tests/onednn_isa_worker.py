@@ -19,6 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+# The suite's compilation cache: every cap compiles the same programs (the cap acts when
+# oneDNN creates its primitives, at run time), so caps after the first reuse them.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "JAX_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
 from googlenet_jax import cpu  # noqa: E402
 from googlenet_jax.cpu import onednn  # noqa: E402
 from helpers import assert_conv_matches_lax, rel_err  # noqa: E402
