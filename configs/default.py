@@ -48,16 +48,32 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 128
   config.num_epochs = 6.0
   config.num_train_steps = 0  # > 0 overrides num_epochs
+  # The optimisers are PyTorch's, name for name (`create_optimizer`): sgd = torch.optim.SGD,
+  # adam = Adam, adamw = AdamW, rmsprop = RMSprop; weight_decay is SGD's / Adam's coupled L2
+  # term (AdamW's decoupled one). tests/test_fidelity.py trains each against PyTorch.
   config.optimizer = "sgd"
   config.learning_rate = 0.05
-  config.momentum = 0.9
+  config.momentum = 0.9  # sgd and rmsprop (0: none)
   config.nesterov = False
   config.weight_decay = 1e-4
+  config.weight_decay_norm_and_bias = True  # False: BatchNorm parameters and biases undecayed
+  config.adam_b1 = 0.9  # adam / adamw: PyTorch's betas and eps
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
+  config.rmsprop_decay = 0.99  # PyTorch's alpha
+  config.rmsprop_eps = 1e-8
+  # "pytorch": sqrt(v) + eps, lr applied after the momentum buffer; "tensorflow" (TF / Keras /
+  # optax): sqrt(v + eps), lr inside the momentum buffer. A TF recipe's eps (Inception: 1.0)
+  # means something else in the other form.
+  config.rmsprop_style = "pytorch"
   # Cosine decay to 0 over the run: with a constant rate the last evaluations swing with the
   # kernels' rounding (AVX2 host, oneDNN: 95.5%, 90.5%, 94.7% over the last three epochs);
   # decayed, the run settles (98.1% there).
   config.lr_schedule = "cosine"
   config.warmup_epochs = 0.0
+  # The warm-up ramps from warmup_start_factor * learning_rate (PyTorch's LinearLR
+  # start_factor; torchvision's reference recipe uses 0.01) to learning_rate.
+  config.warmup_start_factor = 0.01
   config.decay_epochs = 8.0
   config.decay_rate = 0.96
   config.poly_power = 0.5

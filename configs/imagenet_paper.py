@@ -1,6 +1,10 @@
 """The paper's recipe (Szegedy et al. 2014) on ImageNet: SGD momentum 0.9, lr x0.96 every 8
 epochs, Polyak (EMA) weights for evaluation, 8-100% area crops with aspect 3/4-4/3,
-photometric distortion, aux loss weight 0.3, dropout 0.4 / aux 0.7 (the paper layout's)."""
+photometric distortion, aux loss weight 0.3, dropout 0.4 / aux 0.7 (the paper layout's).
+
+Differs from the paper in two named places: synchronous SGD on one global batch (the paper
+trained asynchronously on DistBelief), and PyTorch's coupled weight decay 2e-4 (the paper does
+not state its decay; 2e-4 is Caffe's bvlc_googlenet solver)."""
 
 from configs import default
 

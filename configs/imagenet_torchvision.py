@@ -1,4 +1,13 @@
-"""The torchvision layout (BatchNorm) on ImageNet with a modern SGD + cosine recipe."""
+"""The torchvision layout (BatchNorm) on ImageNet with a modern SGD + cosine recipe.
+
+Differs from torchvision's reference classification recipe (references/classification:
+SGD momentum 0.9, lr 0.1 per 256 images, weight decay 1e-4, StepLR x0.1 every 30 epochs,
+schedulers stepped once per epoch, no warm-up) in its schedule: cosine decay stepped every
+iteration after a 2-epoch linear warm-up from 0.01 x lr (the reference's --lr-scheduler
+cosineannealinglr --lr-warmup-method linear --lr-warmup-decay 0.01, per iteration instead of
+per epoch). torchvision's published GoogLeNet weights were ported from TensorFlow, not
+trained with either recipe.
+"""
 
 from configs import imagenet_paper
 

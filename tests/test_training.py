@@ -104,6 +104,9 @@ def test_eight_devices_match_one_device_with_the_full_batch(mode, batches, singl
     (dict(parallel="pjit"), "parallel must be"),
     (dict(float64=True), "float64 needs jax_enable_x64"),  # (x64 is off in the tests)
     (dict(float64=True, half_precision=True), "float64 and half_precision exclude"),
+    (dict(rmsprop_style="keras"), "rmsprop_style must be"),
+    (dict(warmup_start_factor=1.5), "warmup_start_factor must be in"),
+    (dict(lr_schedule="linear"), "lr_schedule must be"),
 ])
 def test_impossible_config_is_refused_before_work(overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -25,6 +25,14 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     problems.append(f"learning_rate must be > 0, got {config.learning_rate}")
   if config.optimizer not in ("sgd", "adam", "adamw", "rmsprop"):
     problems.append(f"optimizer must be sgd, adam, adamw or rmsprop, got {config.optimizer!r}")
+  if config.get("rmsprop_style", "pytorch") not in ("pytorch", "tensorflow"):
+    problems.append(f"rmsprop_style must be 'pytorch' or 'tensorflow', got "
+                    f"{config.rmsprop_style!r}")
+  if not 0 <= config.get("warmup_start_factor", 0.01) <= 1:
+    problems.append(f"warmup_start_factor must be in [0, 1], got {config.warmup_start_factor}")
+  if config.get("lr_schedule", "constant") not in ("constant", "step", "cosine", "poly"):
+    problems.append(f"lr_schedule must be constant, step, cosine or poly, got "
+                    f"{config.lr_schedule!r}")
   if config.get("float64") and config.half_precision:
     problems.append("float64 and half_precision exclude each other")
   if config.get("float64") and not jax.config.jax_enable_x64:
