@@ -121,7 +121,7 @@ def loss(outputs, labels, config) -> torch.Tensor:
 def train(model: nn.Module, batches, config, steps_per_epoch: int, num_steps: int,
           on_step=None) -> list[float]:
   """Train `model` on `batches` (NCHW tensors and labels) with the config's recipe; returns
-  the loss of every step. `on_step(step, model)` is called after each step."""
+  the loss of every step. `on_step(step, model, losses)` is called after each step."""
   opt = make_optimizer(model, config)
   sched = scheduler(opt, config, steps_per_epoch, num_steps)
   model.train()
@@ -134,5 +134,5 @@ def train(model: nn.Module, batches, config, steps_per_epoch: int, num_steps: in
     sched.step()
     losses.append(value.item())
     if on_step is not None:
-      on_step(step, model)
+      on_step(step, model, losses)
   return losses

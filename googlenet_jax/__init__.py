@@ -5,12 +5,13 @@ needs only jax, flax and numpy. The other layers are subpackages: `cpu` (XLA:CPU
 process set-up), `train` (the training system) and `tools` (the command-line programs).
 """
 
-from googlenet_jax.models import GoogLeNet, GoogLeNetOutputs, count_params, probabilities
+from googlenet_jax.models import (GoogLeNet, GoogLeNetOutputs, count_params, feature_names,
+                                  probabilities)
 from googlenet_jax.ops import LAX, Ops
 from googlenet_jax.variants import LAYOUTS, TABLE_1, Layout, get_layout
 
 VARIANTS = tuple(LAYOUTS)
 
 __all__ = ["GoogLeNet", "GoogLeNetOutputs", "LAX", "LAYOUTS", "Layout", "Ops", "TABLE_1",
-           "VARIANTS", "count_params", "get_layout", "probabilities"]
+           "VARIANTS", "count_params", "feature_names", "get_layout", "probabilities"]
 __version__ = "0.1.0"

@@ -115,6 +115,19 @@ def _input_sizes_that(ok: Callable[[dict], bool], layout: V.Layout) -> str:
   return f"{good[0]}-{good[-1]}" if good[-1] - good[0] + 1 == len(good) else f"from {good[0]}"
 
 
+EMBEDDING = "embedding"  # the last of the `features`: the pooled vector the classifier reads
+
+
+def feature_names(variant: str = "classic") -> tuple[str, ...]:
+  """The stages `GoogLeNet.features` returns for `variant`, in order: every row of Table 1
+  that the layout has (the LRN rows only where it has them; not the aux taps), then
+  "embedding", the pooled 1024-d vector the classifier reads (before dropout)."""
+  layout = V.get_layout(variant)
+  rows = [row.name for row in V.TABLE_1
+          if not isinstance(row, V.AuxTap) and (layout.lrn or not isinstance(row, V.LRN))]
+  return (*rows, EMBEDDING)
+
+
 # --------------------------------------------------------------------------------------------
 # The network.
 
@@ -208,8 +221,9 @@ class GoogLeNet(nn.Module):
       raise ValueError(f"the {layout.name!r} layout has no auxiliary heads; use aux_logits=None")
     return layout.aux_logits if self.aux_logits is None else self.aux_logits
 
-  def check_input(self, x: Any, train: bool) -> None:
-    """Raise a ValueError naming what was expected, before anything is traced."""
+  def check_input(self, x: Any, train: bool, upto: Optional[str] = None) -> None:
+    """Raise a ValueError naming what was expected, before anything is traced. `upto`: the
+    last stage computed (`features`); None: the whole network."""
     layout = self.layout
     desc = f"GoogLeNet(variant={layout.name!r})"
     shape = getattr(x, "shape", None)
@@ -223,17 +237,23 @@ class GoogLeNet(nn.Module):
       raise ValueError(f"{desc} expects floating-point images, got dtype {x.dtype}; convert "
                        "(and normalise) them first, e.g. x.astype(jnp.float32) / 255")
     sizes = feature_map_sizes(layout, shape[1], shape[2])
+    if upto not in (None, EMBEDDING):  # only the stages up to `upto` run
+      names = [row.name for row in V.TABLE_1]
+      sizes = {k: v for k, v in sizes.items() if names.index(k) <= names.index(upto)}
     size_msg = f"{shape[1]}x{shape[2]}"
     if min(min(hw) for hw in sizes.values()) < 1:
-      ok = lambda s: min(min(hw) for hw in s.values()) >= 1
-      raise ValueError(f"{desc}: a {size_msg} input is too small for the stride-32 network; "
+      ok = lambda s: min(min(hw) for k, hw in s.items() if k in sizes) >= 1
+      stages = "stride-32 network" if upto in (None, EMBEDDING) else f"stages up to {upto}"
+      raise ValueError(f"{desc}: a {size_msg} input is too small for the {stages}; "
                        f"it needs at least {_input_sizes_that(ok, layout).split('-')[0]} pixels")
+    if upto not in (None, EMBEDDING):
+      return
     if layout.head_pool == "avg7" and sizes["inception_5b"] != (7, 7):
       ok = lambda s: s["inception_5b"] == (7, 7)
       raise ValueError(f"{desc} ends in a 7x7/1 average pool and needs a 7x7 map at "
                        f"inception_5b; a {size_msg} input gives {sizes['inception_5b']}. "
                        f"Square inputs that fit: {_input_sizes_that(ok, layout)}")
-    if train and self.has_aux:
+    if train and self.has_aux and upto is None:
       for tap, source in (("aux_after_4a", "inception_4a"), ("aux_after_4d", "inception_4d")):
         if not _aux_input_ok(layout, sizes[source]):
           ok = lambda s: _aux_input_ok(layout, s["inception_4a"])
@@ -242,17 +262,39 @@ class GoogLeNet(nn.Module):
               "its 5x5/3 average pool needs 14-16 pixels to give the 4x4 that fc1 expects. "
               f"Square inputs that fit: {_input_sizes_that(ok, layout)}; or aux_logits=False")
 
-  @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                deterministic: Optional[bool] = None) -> Any:
+    return self._forward(x, train, deterministic, None)
+
+  def features(self, x: jax.Array, train: bool = False, *,
+               upto: str = EMBEDDING) -> dict[str, jax.Array]:
+    """The output of every stage up to `upto`, by name (`feature_names(variant)`: "conv1" ...
+    "inception_5b", "embedding"), in one forward pass that stops there. A backbone:
+
+      feats = model.apply(variables, x, method="features", upto="inception_4e")
+
+    `train=True` uses and updates BatchNorm batch statistics (apply with
+    mutable=["batch_stats"]); nothing before the embedding has dropout, and the aux heads do
+    not run. Maps are NHWC; "embedding" is (batch, 1024)."""
+    names = feature_names(self.variant)
+    if upto not in names:
+      raise ValueError(f"features(upto={upto!r}): the {self.layout.name!r} layout's stages are "
+                       f"{', '.join(names)}")
+    return self._forward(x, train, True, upto)
+
+  @nn.compact
+  def _forward(self, x: jax.Array, train: bool, deterministic: Optional[bool],
+               upto: Optional[str]) -> Any:
+    """The network; `upto` None: logits (or GoogLeNetOutputs), else the stages up to it."""
     layout = self.layout
     init = INITIALIZERS[layout.init]
     initializing = self.is_initializing()
-    self.check_input(x, train and not initializing)
+    self.check_input(x, train and not initializing, upto)
     if deterministic is None:
       deterministic = not train
     # `init` creates every parameter, the aux heads included, whatever the mode.
-    run_aux = self.has_aux and (train or initializing)
+    run_aux = self.has_aux and (train or initializing) and upto is None
+    feats = {}
     dropout = layout.dropout if self.dropout is None else self.dropout
     aux_dropout = layout.aux_dropout if self.aux_dropout is None else self.aux_dropout
 
@@ -289,11 +331,19 @@ class GoogLeNet(nn.Module):
         aux[row.name] = AuxHead(self.num_classes, layout, conv, aux_dropout, init,
                                 self.dtype, self.param_dtype, self.ops, name=row.name)(
                                     tap, train, deterministic)
+      if upto is not None and not isinstance(row, V.AuxTap) and (
+          layout.lrn or not isinstance(row, V.LRN)):
+        feats[row.name] = x
+        if row.name == upto:
+          return feats
 
     if layout.head_pool == "avg7":
       x = layers.avg_pool(x, 7, 1, ops=self.ops).reshape(x.shape[0], -1)
     else:
       x = x.mean(axis=(1, 2))
+    if upto is not None:
+      feats[EMBEDDING] = x
+      return feats
     x = nn.Dropout(dropout)(x, deterministic=deterministic)
     logits = nn.Dense(self.num_classes, kernel_init=init.dense_kernel,
                       bias_init=init.classifier_bias(x.shape[-1]), dtype=self.dtype,
