@@ -61,6 +61,16 @@ COMMANDS = {
     "--config.init_from=runs/torchvision_imagenet --config.normalize=imagenet "
     "--config.transform_input=true": Run(*TINY_TRAIN),
     "python -m googlenet_jax.tools.summary --variant paper --size 224": Run(),
+    "googlenet-jax export --workdir runs/default --format jax --out runs/export/googlenet.jax":
+        Elsewhere("run as written on a small random model, then loaded by jax.export",
+                  "tests/test_export.py::test_jax_export_runs_in_jax_export_and_matches_the_model"),
+    "googlenet-jax export --workdir runs/default --format onnx --out runs/export/googlenet.onnx":
+        Elsewhere("run as written on a small random model, then loaded by onnxruntime",
+                  "tests/test_export.py::test_onnx_export_runs_in_onnxruntime_and_matches_the_model"),
+    "googlenet-jax export --workdir runs/default --format savedmodel "
+    "--out runs/export/savedmodel": Elsewhere(
+        "run as written on a small random model, then loaded by TensorFlow",
+        "tests/test_export.py::test_savedmodel_export_runs_in_tensorflow_and_matches_the_model"),
     "python benchmarks/throughput.py --variant classic --batch 32 --size 224 "
     "--json runs/bench.json": Elsewhere(
         "takes ~8 minutes; the same script runs tiny (all JSON keys checked)",
