@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.random_flip = False
   config.eval_crop_fraction = 1.0  # 1.0: resize the whole image to image_size
   config.shuffle_buffer = 1024
+  config.data_threads = 0  # tf.data's threads for decoding and augmenting; 0: one per core
+  config.prefetch_batches = 2  # batches prepared ahead on the host
+  config.device_prefetch = 2  # and copied to the devices ahead of the step (shard_map)
   # Optimisation.
   config.batch_size = 64  # global, over all devices and processes
   config.eval_batch_size = 128

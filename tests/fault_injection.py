@@ -85,7 +85,7 @@ def _last_logged_step(workdir: str) -> int:
 def _metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
+  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "input_wait_fraction")} for r in rows]
 
 
 def _final_state(workdir: str):

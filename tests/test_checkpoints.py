@@ -36,7 +36,7 @@ def _env():
 
 def _metrics(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
+  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "input_wait_fraction")} for r in rows]
 
 
 def _final_params(workdir):

@@ -34,6 +34,7 @@ def test_default_config_on_a_small_slice(tmp_path):
   for r in records:
     assert {"loss", "top1", "top5"} <= set(r) and np.isfinite(r["loss"])
   assert "images_per_sec" in records[0]
+  assert 0 <= records[0]["input_wait_fraction"] <= 1
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   assert (tmp_path / "training_curves.png").stat().st_size > 1000
   assert os.listdir(tmp_path / "tensorboard")

@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import zlib
 from typing import Any, Callable, Optional

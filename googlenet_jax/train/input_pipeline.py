@@ -213,26 +213,39 @@ def _tfds_source(name: str, config) -> Source:
 # Preprocessing (TensorFlow ops, so that it runs in tf.data's threads).
 
 
-def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config) -> tf.Tensor:
-  """uint8 HWC image -> float32 (size, size, channels), normalised as `config.normalize` says."""
+def _inception_crop(config, train: bool) -> bool:
+  return train and config.get("augment", "none") in ("inception_crop",
+                                                     "inception_crop_photometric")
+
+
+def crop_window(shape: tf.Tensor, seed: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor]:
+  """The training crop of an image of `shape` (h, w, c): (begin, size) for `tf.slice`. It
+  depends on the shape and the seed only, so it can be chosen before the image is decoded."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=tf.random.experimental.stateless_split(
+          seed, 4)[0], area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
+      aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0, max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config,
+               cropped: bool = False) -> tf.Tensor:
+  """uint8 HWC image -> float32 (size, size, channels), normalised as `config.normalize` says.
+  `cropped`: the image is already the training crop window (`decode_and_preprocess`)."""
   size = config.image_size
   channels = config.get("channels", 3)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if _inception_crop(config, train) and not cropped:
+    begin, crop = crop_window(tf.shape(image), seed, config)
+    image = tf.slice(image, begin, crop)
   image = tf.image.convert_image_dtype(image, tf.float32)
   if image.shape[-1] == 1 and channels == 3:
     image = tf.image.grayscale_to_rgb(image)
   elif image.shape[-1] == 3 and channels == 1:
     image = tf.image.rgb_to_grayscale(image)
-  seeds = tf.random.experimental.stateless_split(seed, 4)
   augment = config.get("augment", "none") if train else "none"
-  if augment in ("inception_crop", "inception_crop_photometric"):
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
-        area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
-        aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0, max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, crop)
-    image = tf.image.resize(image, (size, size), antialias=True)
-  elif train or config.get("eval_crop_fraction", 1.0) >= 1.0:
+  if train or config.get("eval_crop_fraction", 1.0) >= 1.0:
     image = tf.image.resize(image, (size, size), antialias=True)
   else:  # eval: resize the shorter side to size / fraction, then take the central crop
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -253,11 +266,63 @@ def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config) -> tf.Ten
   return image
 
 
+# Pixels decoded around a training crop: the largest JPEG block (MCU) width, 4:1:1 chroma.
+JPEG_MARGIN = 32
+
+
+def decode(data: tf.Tensor) -> tf.Tensor:
+  """Encoded image bytes (JPEG, PNG, BMP, GIF's first frame) -> uint8 (h, w, 3)."""
+  return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+def decode_crop(data: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
+  """The training crop window (`crop_window`) of encoded image bytes, uint8 (h, w, 3): for a
+  JPEG the window is chosen from its header and only around it is the image decoded
+  (`tf.io.decode_and_crop_jpeg`: libjpeg skips the rows and blocks outside); the pixels are
+  those of decoding the whole image and slicing."""
+
+  def fused():
+    shape = tf.io.extract_jpeg_shape(data)
+    begin, size = crop_window(shape, seed, config)
+    # Chroma upsampling reads the neighbouring blocks: decoding exactly the window changes its
+    # edge pixels (4:2:0). Decoding JPEG_MARGIN more on each side, on block boundaries, gives
+    # the window the pixels of the whole image's decode.
+    start = tf.maximum(begin[:2] - JPEG_MARGIN, 0) // JPEG_MARGIN * JPEG_MARGIN
+    stop = tf.minimum((begin[:2] + size[:2] + 2 * JPEG_MARGIN - 1) // JPEG_MARGIN * JPEG_MARGIN,
+                      shape[:2])
+    wide = tf.io.decode_and_crop_jpeg(data, tf.concat([start, stop - start], 0), channels=3)
+    offset = begin[:2] - start
+    return wide[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+
+  def full():
+    image = decode(data)
+    begin, size = crop_window(tf.shape(image), seed, config)
+    return tf.slice(image, begin, size)
+
+  image = tf.cond(tf.io.is_jpeg(data), fused, full)
+  image.set_shape((None, None, 3))
+  return image
+
+
+def decode_and_preprocess(data: tf.Tensor, seed: tf.Tensor, train: bool, config) -> tf.Tensor:
+  """`preprocess(decode(data), ...)`, the same values; training crops decode only around the
+  window (`decode_crop`)."""
+  if not _inception_crop(config, train):
+    return preprocess(decode(data), seed, train, config)
+  return preprocess(decode_crop(data, seed, config), seed, train, config, cropped=True)
+
+
 def _load(split: Split, index: tf.Tensor) -> tf.Tensor:
+  """The example's image: uint8 (in-memory splits) or its file's encoded bytes (folders)."""
   if split.images is not None:
     return tf.gather(tf.constant(split.images), index)
-  path = tf.gather(tf.constant(split.paths), index)
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return tf.io.read_file(tf.gather(tf.constant(split.paths), index))
+
+
+def _preprocess_loaded(image: tf.Tensor, seed: tf.Tensor, train: bool, config) -> tf.Tensor:
+  if image.dtype == tf.string:
+    return decode_and_preprocess(image, seed, train, config)
+  return preprocess(image, seed, train, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,13 +366,13 @@ def train_batches(source: Source, config, start_step: int, num_steps: int,
   labels = tf.constant(split.labels.astype(np.int32))
 
   def load(index, position):
-    image = preprocess(_load(split, index), tf.stack([tf.cast(seed, tf.int64), position]), True,
-                       config)
+    image = _preprocess_loaded(_load(split, index),
+                               tf.stack([tf.cast(seed, tf.int64), position]), True, config)
     return {"image": image, "label": tf.gather(labels, index)}
 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True).prefetch(config.get("prefetch_batches", 2))
-  return iter(tfds.as_numpy(ds))
+  return iter(tfds.as_numpy(_threads(ds, config)))
 
 
 def _streamed_train(source, config, start_step, num_steps, process_index, process_count):
@@ -323,15 +388,24 @@ def _streamed_train(source, config, start_step, num_steps, process_index, proces
   seed = config.seed
 
   def load(position, example):
-    image = example["image"]
-    if image.dtype == tf.string:
-      image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    image = preprocess(image, tf.stack([tf.cast(seed, tf.int64), position]), True, config)
+    image = _preprocess_loaded(example["image"], tf.stack([tf.cast(seed, tf.int64), position]),
+                               True, config)
     return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True).skip(start_step).take(num_steps - start_step)
-  return iter(tfds.as_numpy(ds.prefetch(config.get("prefetch_batches", 2))))
+  return iter(tfds.as_numpy(_threads(ds.prefetch(config.get("prefetch_batches", 2)), config)))
+
+
+def _threads(ds: tf.data.Dataset, config) -> tf.data.Dataset:
+  """At most `config.data_threads` threads for the dataset's work (0 or unset: tf.data's
+  default, one per core)."""
+  threads = int(config.get("data_threads", 0) or 0)
+  if threads <= 0:
+    return ds
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  return ds.with_options(options)
 
 
 def _is_encoded(source: Source) -> bool:
@@ -371,7 +445,8 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
     label_table = tf.constant(labels)
 
     def load(index, mask):
-      image = image_fn(_load(split, index))
+      image = _load(split, index)
+      image = image_fn(decode(image) if image.dtype == tf.string else image)
       return {"image": image, "label": tf.gather(label_table, index), "mask": mask}
   else:
     n = source.num_examples(split_name)
@@ -394,6 +469,6 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
     else:  # every process yields the same number of batches
       num_batches = math.ceil(math.ceil(n / process_count) / local)
       ds = ds.concatenate(pad).take(num_batches * local).batch(local)
-    return iter(tfds.as_numpy(ds.prefetch(2)))
+    return iter(tfds.as_numpy(_threads(ds.prefetch(2), config)))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(local)
-  return iter(tfds.as_numpy(ds.prefetch(2)))
+  return iter(tfds.as_numpy(_threads(ds.prefetch(2), config)))

@@ -198,32 +198,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
   p_train = parallel.compile(step_fn, donate_state=True)
   p_eval = parallel.compile(functools.partial(eval_step, model=model,
                                               use_ema=config.get("eval_with_ema", False)))
-  batches = input_pipeline.train_batches(source, config, start_step, num_steps,
-                                         jax.process_index(), jax.process_count())
+  batches = parallel.prefetch(
+      input_pipeline.train_batches(source, config, start_step, num_steps,
+                                   jax.process_index(), jax.process_count()),
+      config.get("device_prefetch", 2))
   log_every = config.get("log_every_steps", 10)
   eval_every = config.get("eval_every_steps") or per_epoch
   progress = None
   if is_main and config.get("progress_bar", True):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-  pending, t0, images = [], time.time(), 0
+  pending, t0, images, waited = [], time.time(), 0, 0.0
   eval_metrics, stopped = {}, False
   with _Preemption() as preemption:
     for step in range(start_step, num_steps):
+      wait_start = time.perf_counter()
       batch = next(batches)
-      state, metrics = p_train(state, parallel.batch(batch))
+      waited += time.perf_counter() - wait_start
+      state, metrics = p_train(state, batch)
       pending.append(metrics)
       images += config.batch_size
       done = step + 1
       if done % log_every == 0 or done == num_steps:
         train_metrics = guard.summarize(pending, done)
-        train_metrics["images_per_sec"] = images / (time.time() - t0)
+        elapsed = time.time() - t0
+        train_metrics["images_per_sec"] = images / elapsed
+        # The share of the time the loop waited for the next batch: near 0 when the input
+        # pipeline keeps ahead of the steps (timing, like images_per_sec).
+        train_metrics["input_wait_fraction"] = min(1.0, waited / elapsed)
         writer.write(done, "train", train_metrics)
         if progress is not None:
           progress.set_postfix(loss=f"{train_metrics['loss']:.3f}",
                                acc=f"{train_metrics['top1']:.3f}",
                                img_s=f"{train_metrics['images_per_sec']:.1f}")
-        pending, t0, images = [], time.time(), 0
+        pending, t0, images, waited = [], time.time(), 0, 0.0
       if progress is not None:
         progress.update(1)
       if done % eval_every == 0 or done % config.checkpoint_every_steps == 0:

@@ -3,8 +3,9 @@ over a 1-D mesh, batches placed to match, the state replicated."""
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,19 @@ class Parallel:
       return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), local_batch)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
+
+  def prefetch(self, local_batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
+    """`self.batch` of each batch, `size` batches ahead of the one the step is running on.
+    With shard_map the batches are device arrays, and JAX's copies to the devices are
+    asynchronous: they overlap the steps already dispatched. (pmap takes the host arrays and
+    copies them when it is called.)"""
+    queue = collections.deque()
+    for local in local_batches:
+      queue.append(self.batch(local))
+      if len(queue) > size:
+        yield queue.popleft()
+    while queue:
+      yield queue.popleft()
 
   def replicate(self, tree: Any) -> Any:
     def put(x):
