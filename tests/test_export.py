@@ -161,7 +161,7 @@ def check_record(record, fmt):
   assert record["output"]["shape"] == [None, NUM_CLASSES]
   assert record["preprocessing"]["inside_export"] == ["transform_input"]
   assert [s["op"] for s in record["preprocessing"]["before_export"]] == [
-      "decode", "to_float", "resize_shorter_side", "center_crop", "normalize", "stack"]
+      "decode", "resize_shorter_side", "center_crop", "normalize", "stack"]
   assert record["class_names"] == [f"c{i}" for i in range(NUM_CLASSES)]
 
 
@@ -188,9 +188,11 @@ def test_savedmodel_export_runs_in_tensorflow_and_matches_the_model(model, tmp_p
 def apply_record(image, record):
   """The preprocessing record's steps, read as a serving client would (TensorFlow ops)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  x = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
+  x = tf.constant(image)  # the decoded uint8 image
   for step in record["preprocessing"]["before_export"]:
-    if step["op"] == "resize_shorter_side":
+    if step["op"] == "to_float":
+      x = tf.cast(x, tf.float32) * np.float32(step["scale"])
+    elif step["op"] == "resize_shorter_side":
       hw = tf.cast(tf.shape(x)[:2], tf.float32)
       scale = step["target"] / tf.reduce_min(hw)
       x = tf.image.resize(x, tf.cast(tf.round(hw * scale), tf.int32), method=step["method"],
@@ -203,7 +205,7 @@ def apply_record(image, record):
       top, left = (h - step["height"]) // 2, (w - step["width"]) // 2
       x = x[top:top + step["height"], left:left + step["width"]]
     elif step["op"] == "normalize":
-      x = (x - np.float32(step["mean"])) / np.float32(step["std"])
+      x = x * np.float32(step["scale"]) + np.float32(step["offset"])
   return x.numpy()
 
 

@@ -32,10 +32,10 @@ def encode(image, fmt="JPEG", **kw):
 
 
 def config(**overrides):
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict({**dict(
       image_size=SIZE, channels=3, augment="inception_crop", random_flip=True,
-      normalize="imagenet", crop_area_range=(0.08, 1.0), eval_crop_fraction=0.875,
-      **overrides))
+      normalize="imagenet", crop_area_range=(0.08, 1.0), eval_crop_fraction=0.875),
+      **overrides})
 
 
 # Baseline JPEGs (4:2:0 and 4:4:4, odd sizes whose chroma blocks do not divide evenly),
@@ -109,3 +109,16 @@ def test_folder_batches_are_the_preprocessed_decoded_images(tmp_path):
           image, tf.constant([cfg.seed, step * cfg.batch_size + j], tf.int64), True, cfg)
       np.testing.assert_array_equal(batch["image"][j], want.numpy())
       assert batch["label"][j] == split.labels[index]
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "half", "unit"])
+def test_normalisation_is_the_configs_mean_and_std(normalize):
+  image = np.full((50, 70, 3), (0, 128, 255), np.uint8)
+  cfg = config(normalize=normalize)
+  got = input_pipeline.preprocess(tf.constant(image), tf.constant([0, 0], tf.int64), False,
+                                  cfg).numpy()
+  mean = np.asarray(input_pipeline.MEANS[normalize])
+  std = np.asarray(input_pipeline.STDS[normalize])
+  want = (np.array([0, 128, 255]) / 255 - mean) / std
+  np.testing.assert_allclose(got.reshape(-1, 3), np.broadcast_to(want, (SIZE * SIZE, 3)),
+                             rtol=0, atol=2e-6)

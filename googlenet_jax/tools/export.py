@@ -122,11 +122,13 @@ def preprocessing_record(loaded, fmt: str) -> dict:
   steps: list[dict] = [
       {"op": "decode", "channels": 3, "dtype": "uint8",
        "note": "RGB; tf.io.decode_image(data, channels=3)"},
-      {"op": "to_float", "scale": 1 / 255, "note": "uint8 / 255 -> [0, 1] float32"},
   ]
+  unit = 1 / 255  # the decoded 0..255 values are resized as they are, then normalised
   if channels == 1:
+    steps.append({"op": "to_float", "scale": 1 / 255, "note": "uint8 / 255 -> [0, 1] float32"})
     steps.append({"op": "rgb_to_grayscale", "weights": [0.2989, 0.587, 0.114],
                   "note": "tf.image.rgb_to_grayscale"})
+    unit = 1.0
   resize = {"method": "bilinear", "antialias": True, "half_pixel_centers": True,
             "note": "tf.image.resize(..., antialias=True)"}
   if fraction >= 1.0:
@@ -138,9 +140,12 @@ def preprocessing_record(loaded, fmt: str) -> dict:
     steps.append({"op": "center_crop", "height": size, "width": size,
                   "offset": "((h - height) // 2, (w - width) // 2)",
                   "note": "tf.image.resize_with_crop_or_pad"})
-  steps.append({"op": "normalize", "mean": list(input_pipeline.MEANS[norm][:channels]),
-                "std": list(input_pipeline.STDS[norm][:channels]),
-                "formula": "(x - mean) / std, per channel (last axis)"})
+  scale, offset = input_pipeline.normalization(norm, channels, unit)
+  steps.append({"op": "normalize", "scale": scale.tolist(), "offset": offset.tolist(),
+                "formula": "float32 x * scale + offset per channel (last axis), x the resized "
+                           "values (0..255 for uint8 input): (x * unit - mean) / std",
+                "unit": unit, "mean": list(input_pipeline.MEANS[norm][:channels]),
+                "std": list(input_pipeline.STDS[norm][:channels])})
   steps.append({"op": "stack", "layout": "NHWC", "note": "a batch of any size"})
   return {
       "format_version": PREPROCESSING_VERSION,

@@ -239,11 +239,15 @@ def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config,
   if _inception_crop(config, train) and not cropped:
     begin, crop = crop_window(tf.shape(image), seed, config)
     image = tf.slice(image, begin, crop)
-  image = tf.image.convert_image_dtype(image, tf.float32)
+  # Pixel values stay on the decoded 0..255 scale (`unit` = 1/255 is what maps them to [0, 1])
+  # until the resize has made the image small, then one multiply and one add normalise them.
+  unit = 1 / 255 if image.dtype == tf.uint8 else 1.0
+  if image.dtype not in (tf.uint8, tf.float32):
+    image = tf.image.convert_image_dtype(image, tf.float32)
   if image.shape[-1] == 1 and channels == 3:
     image = tf.image.grayscale_to_rgb(image)
   elif image.shape[-1] == 3 and channels == 1:
-    image = tf.image.rgb_to_grayscale(image)
+    image, unit = tf.image.rgb_to_grayscale(tf.image.convert_image_dtype(image, tf.float32)), 1.0
   augment = config.get("augment", "none") if train else "none"
   if train or config.get("eval_crop_fraction", 1.0) >= 1.0:
     image = tf.image.resize(image, (size, size), antialias=True)
@@ -255,15 +259,22 @@ def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config,
   if augment != "none" and config.get("random_flip", True):
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if augment == "inception_crop_photometric":
+    image, unit = image * unit, 1.0
     image = tf.image.stateless_random_brightness(image, 32 / 255, seeds[2])
     image = tf.image.stateless_random_contrast(image, 0.5, 1.5, seeds[3])
     image = tf.clip_by_value(image, 0.0, 1.0)
-  norm = config.get("normalize", "imagenet")
-  mean = tf.constant(MEANS[norm][:channels], tf.float32)
-  std = tf.constant(STDS[norm][:channels], tf.float32)
-  image = (image - mean) / std
+  scale, offset = normalization(config.get("normalize", "imagenet"), channels, unit)
+  image = tf.nn.bias_add(image * tf.constant(scale), tf.constant(offset))
   image.set_shape((size, size, channels))
   return image
+
+
+def normalization(norm: str, channels: int, unit: float = 1 / 255) -> tuple[np.ndarray, ...]:
+  """Per-channel float32 (scale, offset) with x * scale + offset = (x * unit - mean) / std:
+  `config.normalize`'s mean and std for pixels x that `unit` maps to [0, 1]."""
+  mean = np.asarray(MEANS[norm][:channels], np.float64)
+  std = np.asarray(STDS[norm][:channels], np.float64)
+  return (unit / std).astype(np.float32), (-mean / std).astype(np.float32)
 
 
 # Pixels decoded around a training crop: the largest JPEG block (MCU) width, 4:1:1 chroma.
