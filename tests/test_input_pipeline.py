@@ -122,3 +122,25 @@ def test_normalisation_is_the_configs_mean_and_std(normalize):
   want = (np.array([0, 128, 255]) / 255 - mean) / std
   np.testing.assert_allclose(got.reshape(-1, 3), np.broadcast_to(want, (SIZE * SIZE, 3)),
                              rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_prefetch_keeps_the_order_and_stays_a_fixed_number_of_batches_ahead(mode):
+  import jax  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import parallel  # pylint: disable=import-outside-toplevel
+  par = parallel.Parallel(mode)
+  n = len(par.devices)
+  pulled = []
+
+  def host_batches():
+    for i in range(6):
+      pulled.append(i)
+      yield {"image": np.full((2 * n, 3), i, np.float32)}
+
+  got = []
+  for batch in par.prefetch(host_batches(), size=2):
+    assert len(pulled) - len(got) <= 3  # the batch handed out and at most 2 more
+    if mode == "shard_map":
+      assert isinstance(batch["image"], jax.Array)  # already on the devices
+    got.append(int(np.asarray(batch["image"]).reshape(-1)[0]))
+  assert got == list(range(6))
