@@ -264,7 +264,10 @@ def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config,
     image = tf.image.stateless_random_contrast(image, 0.5, 1.5, seeds[3])
     image = tf.clip_by_value(image, 0.0, 1.0)
   scale, offset = normalization(config.get("normalize", "imagenet"), channels, unit)
-  image = tf.nn.bias_add(image * tf.constant(scale), tf.constant(offset))
+  # Constants of the image's full shape: TF's broadcast over a last axis of 3 is ~15x slower
+  # than the elementwise op (~1 ms of a ~4 ms image); the values are the same.
+  full = lambda v: tf.constant(np.broadcast_to(v, (size, size, channels)))
+  image = image * full(scale) + full(offset)
   image.set_shape((size, size, channels))
   return image
 
