@@ -224,7 +224,13 @@ def test_preprocessing_record_is_the_evaluation_preprocessing(fraction, normaliz
   image = np.random.default_rng(0).integers(0, 256, (90, 123, 3), dtype=np.uint8)
   want = input_pipeline.preprocess(tf.constant(image), tf.constant([0, 0], tf.int64), False,
                                    config).numpy()
-  np.testing.assert_array_equal(apply_record(image, json.loads(json.dumps(record))), want)
+  got = apply_record(image, json.loads(json.dumps(record)))
+  # The evaluation computes only the crop's pixels of the resize (the kernel weights round
+  # differently by ~0.01 of 255); without a crop the values are the same bit for bit.
+  if fraction == 1.0:
+    np.testing.assert_array_equal(got, want)
+  else:
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)
 
 
 def test_usage_errors_are_one_line_with_exit_status_2(model, monkeypatch, capsys):

@@ -75,6 +75,12 @@ COMMANDS = {
     "--json runs/bench.json": Elsewhere(
         "takes ~8 minutes; the same script runs tiny (all JSON keys checked)",
         "tests/test_benchmark.py::test_tiny_run_writes_all_stable_keys"),
+    "python benchmarks/pipeline.py --json runs/pipeline.json": Elsewhere(
+        "takes ~5 minutes; the same script runs tiny on a tiny generated set (every key checked)",
+        "tests/test_pipeline_benchmark.py::test_tiny_side_by_side_run_writes_every_key"),
+    "python benchmarks/jpeg_set.py --out runs/jpeg_set --tfds": Elsewhere(
+        "writes 2,500 JPEGs (~1 minute); the same generator and TFDS build run on 40",
+        "tests/test_pipeline_benchmark.py::test_set_is_reproducible_and_tfds_keeps_the_bytes"),
     "tfds build imagenet2012 --data_dir ~/tensorflow_datasets --manual_dir ~/imagenet_archives":
         Elsewhere("TFDS's own tool, needs the ImageNet archives; train.py prints this command "
                   "for an unprepared dataset",
