@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
-export JAX_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
 .PHONY: train test test-slow test-all venv clean
 
@@ -23,7 +22,7 @@ train: venv
 # module fixtures are built once). Most tests wait on single-threaded XLA compiles: two workers
 # keep two cores busy. Each worker holds 8 simulated devices and a few GB.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test: venv
 	$(PYTEST) -m "not slow" tests
@@ -34,5 +33,7 @@ test-slow: venv
 test-all: venv
 	$(PYTEST) tests
 
+# The compilation cache lives outside the checkout ($JAX_CACHE_DIR or ~/.cache/googlenet_jax/xla)
+# and is shared by every clone: clean leaves it.
 clean:
-	rm -rf $(VENV) .jax_cache runs
+	rm -rf $(VENV) runs

@@ -15,9 +15,40 @@ import torchvision  # noqa: E402,F401
 
 import jax  # noqa: E402
 
-# Compiled programs are cached on disk: the suite and the train.py subprocesses it starts
-# compile the same network many times.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JAX_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..",
-                                                               ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+from googlenet_jax.tools import cli  # noqa: E402
+
+# Compiled programs are cached on disk (cli.default_cache_dir(), outside the checkout): the suite,
+# the train.py and tool subprocesses it starts (tests/helpers.subprocess_env) and the next run
+# of the suite compile the same networks many times.
+cli.enable_compilation_cache()
+
+
+# Seconds each file takes in each tier (cold compilation cache, 2 workers, 2-core host): files
+# are handed to the xdist workers in this order, longest first (Makefile: --dist loadfile
+# --no-loadscope-reorder), so that no worker starts a long file when the other is nearly done.
+# Files not listed come last. Rough values do: only the order matters.
+FAST_SECONDS = {
+    "test_parity_torch.py": 190, "test_training.py": 150, "test_nnx.py": 130,
+    "test_features.py": 110, "test_cli.py": 105, "test_end_to_end.py": 100,
+    "test_model.py": 95, "test_compile_time.py": 90, "test_boundaries.py": 88,
+    "test_export.py": 74, "test_dali.py": 60, "test_onednn_isa.py": 56, "test_fidelity.py": 53,
+    "test_accelerator.py": 50, "test_onednn.py": 47, "test_compilation_cache.py": 40,
+    "test_fast_ops.py": 39, "test_pipeline_benchmark.py": 37, "test_reliability.py": 36,
+}
+SLOW_SECONDS = {
+    "test_multihost.py": 960, "test_reliability.py": 900, "test_onednn_isa.py": 420,
+    "test_end_to_end.py": 360, "test_checkpoints.py": 300, "test_fidelity.py": 240,
+    "test_benchmark.py": 200, "test_readme.py": 180, "test_cli.py": 90, "test_training.py": 120,
+    "test_fast_ops.py": 60, "test_export.py": 60, "test_nnx.py": 60, "test_compile_time.py": 40,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  weight = {}
+  for item in items:
+    name = os.path.basename(str(item.fspath))
+    table = SLOW_SECONDS if item.get_closest_marker("slow") else FAST_SECONDS
+    weight.setdefault(name, set()).add(table.get(name, 0))
+  # stable: the tests of a file keep their order
+  items.sort(key=lambda item: -sum(weight[os.path.basename(str(item.fspath))]))

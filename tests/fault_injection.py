@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 CONFIG = ["--config.image_size=32", "--config.batch_size=16", f"--config.num_train_steps={STEPS}",
@@ -41,9 +43,7 @@ CONFIG = ["--config.image_size=32", "--config.batch_size=16", f"--config.num_tra
 
 
 def _env() -> dict:
-  return {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "2",
-          "JAX_CACHE_DIR": os.environ.get("JAX_CACHE_DIR", os.path.join(ROOT, ".jax_cache")),
-          "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess_env()
 
 
 def _cmd(workdir: str, data_dir: str) -> list[str]:

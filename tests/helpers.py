@@ -1,5 +1,7 @@
 """Small helpers shared by the tests."""
 
+import os
+
 import numpy as np
 
 
@@ -35,3 +37,76 @@ def assert_conv_matches_lax(conv, x, w, stride, lax_padding, tol=1e-5):
   for g, r, name in zip(got, ref, ("y", "dx", "dw")):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     assert rel_err(g, r) <= tol, name
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> dict:
+  """The environment of the train.py / tool / worker processes the tests start: one device (no
+  simulated 8), the repository importable, and the suite's compilation cache (conftest.py)."""
+  from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
+  return {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "2",
+          "JAX_CACHE_DIR": cli.default_cache_dir(),
+          "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+
+
+_VARIABLES = {}
+
+
+def init_variables(model, shape, seed=0):
+  """`jax.jit(model.init)(jax.random.key(seed), zeros(shape))`, lowered with the threefry hash
+  unrolled (`cpu.compile_time.unrolled_threefry`: the same bits in about half the compile
+  time), once per process for each (model, shape, seed)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.cpu import compile_time  # pylint: disable=import-outside-toplevel
+  key = (repr(model), tuple(shape), seed)
+  if key not in _VARIABLES:
+    with compile_time.unrolled_threefry():
+      _VARIABLES[key] = jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape, jnp.float32))
+  return _VARIABLES[key]
+
+
+def dropout_calls(model, shape):
+  """(rate, features) of every dropout a train-mode pass of `model` on inputs of `shape` applies
+  (rate > 0, not deterministic), sorted: traced with abstract values, nothing runs."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.Dropout) and context.method_name == "__call__":
+      deterministic = kwargs.get("deterministic", module.deterministic)
+      if not deterministic and module.rate > 0:
+        calls.append((round(float(module.rate), 6), int(args[0].shape[-1])))
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.key(1)}), variables, x)
+  return sorted(calls)
+
+
+def torch_dropout_calls(model, x):
+  """The same for a PyTorch module (its nn.Dropout modules and F.dropout calls) on tensor `x`."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch.nn import functional  # pylint: disable=import-outside-toplevel
+  calls, real = [], functional.dropout
+
+  def record(inputs, p=0.5, training=True, inplace=False):
+    if training and p > 0:
+      calls.append((round(float(p), 6), int(inputs.shape[-1])))
+    return real(inputs, p, training, inplace)
+
+  functional.dropout = record
+  try:
+    with torch.no_grad():
+      model.train()(x)
+  finally:
+    functional.dropout = real
+  return sorted(calls)

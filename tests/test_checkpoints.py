@@ -19,6 +19,8 @@ from googlenet_jax import train as training
 
 from googlenet_jax.train import checkpointing
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.image_size=32", "--config.batch_size=16", "--config.num_train_steps=12",
          "--config.log_every_steps=2", "--config.eval_every_steps=6",
@@ -31,7 +33,7 @@ def _train_cmd(workdir, data_dir):
 
 
 def _env():
-  return {**os.environ, "XLA_FLAGS": "", "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  return subprocess_env()
 
 
 def _metrics(workdir):
@@ -78,30 +80,60 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
 def _small_state(config):
   model = training.create_model(config, 10)
   tx = training.create_optimizer(config, 10, 10)
-  return model, tx, training.create_train_state(model, tx, config, (1, 32, 32, 3))
+  return model, tx, training.create_train_state(model, tx, config, (1, 32, 32, 3), fast_init=True)
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
 @pytest.mark.slow
-def test_checkpoint_written_on_8_devices_restores_on_1_and_continues(tmp_path):
+def test_checkpoint_written_on_8_devices_resumes_on_1_along_the_same_trajectory(tmp_path):
+  """Two steps on 8 devices, a checkpoint, two more on 1 device (pmap): the losses and
+  parameters of four uninterrupted steps on 8 devices, within the rounding of another device
+  count (classic layout, no BatchNorm, the small rate of tests/test_training.py, whose
+  measurements set these bounds)."""
   config = default.get_config()
-  config.update(dict(image_size=32, batch_size=8, keep_checkpoints=2, dropout=0.0))
+  config.update(dict(variant="classic", aux_logits=False, image_size=32, batch_size=8,
+                     keep_checkpoints=2, dropout=0.0, learning_rate=3e-6,
+                     lr_schedule="constant"))
   model, tx, state = _small_state(config)
+  rng = np.random.RandomState(0)
+  batches = [{"image": rng.randn(8, 32, 32, 3).astype(np.float32),
+              "label": rng.randint(0, 10, 8).astype(np.int32)} for _ in range(4)]
   eight = training.Parallel("shard_map", jax.devices())
-  ckpt = checkpointing.Checkpointer(str(tmp_path), config)
-  ckpt.save(3, eight.replicate(state), force=True)
-  ckpt.close()
   one = training.Parallel("pmap", jax.devices()[:1])
+  compile_step = lambda parallel: parallel.compile(
+      lambda s, b: training.train_step(s, b, model=model, tx=tx, aux_loss_weight=0.3))
+  step8, step1 = compile_step(eight), compile_step(one)
+  live, losses = eight.replicate(state), []
+  for i, batch in enumerate(batches):
+    live, metrics = step8(live, eight.batch(batch))
+    losses.append(float(metrics["loss"]))
+    if i == 1:
+      ckpt = checkpointing.Checkpointer(str(tmp_path), config)
+      ckpt.save(2, live, force=True)
+      ckpt.close()
+      at_2 = jax.device_get(live)
+  whole = jax.device_get(live)
+
   ckpt = checkpointing.Checkpointer(str(tmp_path), config)
   restored, step = ckpt.restore_or(lambda: state, one.replicated)
   ckpt.close()
-  assert step == 3
+  assert step == 2
   assert restored.params["conv1"]["conv"]["kernel"].sharding.device_set == {jax.devices()[0]}
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-  step_fn = one.compile(lambda s, b: training.train_step(s, b, model=model, tx=tx,
-                                                         aux_loss_weight=0.3))
-  batch = {"image": np.zeros((8, 32, 32, 3), np.float32), "label": np.zeros(8, np.int32)}
-  new, metrics = step_fn(restored, one.batch(batch))
-  assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), at_2)
+  resumed_losses = []
+  for batch in batches[2:]:
+    restored, metrics = step1(restored, one.batch(batch))
+    resumed_losses.append(float(metrics["loss"]))
+  resumed = jax.device_get(restored)
+  assert int(resumed.step) == 4 and np.all(np.isfinite(resumed_losses))
+  np.testing.assert_allclose(resumed_losses, losses[2:], rtol=5e-5)
+  update = _flat(whole.params) - _flat(state.params)
+  assert np.linalg.norm(update) > 3e-5 * np.linalg.norm(_flat(state.params))  # they moved
+  err = np.linalg.norm(_flat(resumed.params) - _flat(whole.params)) / np.linalg.norm(update)
+  assert err < 1e-2, err
 
 
 def test_rotation_keeps_the_newest_n_and_the_best(tmp_path):

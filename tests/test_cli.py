@@ -3,6 +3,7 @@ evaluate (single and 10-crop), summary, and the pieces of fine-tuning (`init_fro
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from googlenet_jax.tools import convert
 from googlenet_jax.tools import evaluate, predict, summary
 from googlenet_jax.train import model_dir
 from googlenet_jax.models import GoogLeNet
-from helpers import nchw_to_nhwc, rel_err
+from helpers import nchw_to_nhwc, rel_err, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 12
@@ -29,8 +30,7 @@ SIZE = 32
 
 
 def run_module(module, *args, timeout=600):
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT,
-         "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  env = subprocess_env()
   return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -321,6 +321,13 @@ def test_summary_rows_match_hand_computed_values():
 
 
 def test_summary_command_line():
+  """The README's command as written, its --markdown form, and a size the layout cannot take."""
+  import test_readme  # pylint: disable=import-outside-toplevel
+  command = "python -m googlenet_jax.tools.summary --variant paper --size 224"
+  assert command in test_readme.readme_commands()
+  run = run_module(*shlex.split(command)[2:])
+  assert run.returncode == 0, run.stderr
+  assert "inception_5b" in run.stdout and "1388K" in run.stdout and "1502M" in run.stdout
   run = run_module("googlenet_jax.tools.summary", "--variant", "paper", "--size", "224", "--markdown")
   assert run.returncode == 0, run.stderr
   assert "| inception_3a | inception |" in run.stdout and "1502M" in run.stdout

@@ -117,7 +117,8 @@ def test_flat_and_per_parameter_optimiser_state_train_alike():
     model = training.create_model(config, 10)
     tx = training.create_optimizer(config, 10, 10)
     parallel = training.Parallel("shard_map", jax.devices()[:1])
-    state = parallel.replicate(training.create_train_state(model, tx, config, (1, 64, 64, 3)))
+    state = parallel.replicate(training.create_train_state(model, tx, config, (1, 64, 64, 3),
+                                                              fast_init=True))
     step = parallel.compile(functools.partial(training.train_step, model=model, tx=tx,
                                               aux_loss_weight=0.3))
     for _ in range(2):
@@ -130,7 +131,8 @@ def test_flat_and_per_parameter_optimiser_state_train_alike():
   assert not np.allclose(results[True].params["classifier"]["kernel"],
                          training.create_train_state(
                              training.create_model(_small_config(), 10), optax.sgd(0.1),
-                             _small_config(), (1, 64, 64, 3)).params["classifier"]["kernel"])
+                             _small_config(), (1, 64, 64, 3),
+                             fast_init=True).params["classifier"]["kernel"])
 
 
 @pytest.mark.parametrize("saved_flat", [False, True])
@@ -142,7 +144,8 @@ def test_a_checkpoint_resumes_in_the_optimiser_state_form_it_was_saved_in(tmp_pa
   old.flat_optimizer_state = saved_flat
   model = training.create_model(config, 10)
   shape = (1, 64, 64, 3)
-  saved = training.create_train_state(model, training.create_optimizer(old, 10, 10), old, shape)
+  saved = training.create_train_state(model, training.create_optimizer(old, 10, 10), old, shape,
+                                     fast_init=True)
   assert (len(jax.tree.leaves(saved.opt_state)) < 5) == saved_flat
   ckpt = checkpointing.Checkpointer(str(tmp_path), config)
   ckpt.save(4, saved, force=True)
@@ -154,7 +157,8 @@ def test_a_checkpoint_resumes_in_the_optimiser_state_form_it_was_saved_in(tmp_pa
   assert tx is not configured_tx
   parallel = training.Parallel("shard_map", jax.devices()[:1])
   state, step = ckpt.restore_or(
-      lambda: training.create_train_state(model, tx, config, shape), parallel.replicated)
+      lambda: training.create_train_state(model, tx, config, shape, fast_init=True),
+      parallel.replicated)
   ckpt.close()
   assert step == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state),

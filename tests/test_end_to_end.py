@@ -12,11 +12,13 @@ from PIL import Image
 from configs import default
 from googlenet_jax.train import input_pipeline
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train(workdir, *overrides, timeout=900):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  env = subprocess_env()
   cmd = [sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(workdir),
          "--config.progress_bar=false", *overrides]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -38,12 +40,6 @@ def test_default_config_on_a_small_slice(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   assert (tmp_path / "training_curves.png").stat().st_size > 1000
   assert os.listdir(tmp_path / "tensorboard")
-
-
-def test_misspelt_config_field_is_an_error(tmp_path):
-  run = _train(tmp_path, "--config.learnig_rate=0.1")
-  assert run.returncode != 0
-  assert "learnig_rate" in run.stderr
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ from googlenet_jax.tools import export
 from googlenet_jax.train import model_dir
 from test_readme import readme_commands
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, NUM_CLASSES, BATCH = 64, 7, 3
 TOLERANCE = 1e-5  # max |export - JAX| / max |JAX|
@@ -111,8 +113,7 @@ def googlenet_jax_command():
 
 
 def run_cli(args, cwd, timeout=600):
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT,
-         "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  env = subprocess_env()
   return subprocess.run(googlenet_jax_command() + list(args), cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -8,10 +8,10 @@ import pytest
 from jax import lax
 
 from googlenet_jax import cpu, layers
-from googlenet_jax.cpu import fast_ops
+from googlenet_jax.cpu import fast_ops, onednn
 from googlenet_jax.ops import LAX, conv_pads, lax_avg_pool
 from googlenet_jax.models import GoogLeNet
-from helpers import assert_conv_matches_lax, rel_err
+from helpers import assert_conv_matches_lax, init_variables, rel_err
 
 
 def _rand(shape, seed):
@@ -186,21 +186,30 @@ def test_the_reference_network_is_plain_lax():
 
 
 @pytest.mark.slow
-def test_network_same_parameters_and_outputs_with_and_without_fast_ops():
+def test_network_same_parameters_outputs_and_gradients_on_every_kernel_set():
+  """The whole network (train mode, dropout on) on `cpu.FAST_XLA` against plain lax, and on
+  `cpu.ONEDNN` (where it loads) against `cpu.FAST_XLA`: the same parameters, outputs within
+  1e-5 and gradients within 1e-4. (The PyTorch parity tests in the default run take the
+  oneDNN path too.)"""
   x = _rand((2, 48, 48, 3), 5)
-  fast, plain = (GoogLeNet(num_classes=7, aux_logits=False, ops=o) for o in (cpu.FAST_XLA, LAX))
-  variables = jax.jit(plain.init)(jax.random.key(0), x)
-  assert (jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x))
-          == jax.tree.structure(variables))
+  plain = GoogLeNet(num_classes=7, aux_logits=False)
+  variables = init_variables(plain, x.shape)
 
   def loss(params, model):
     out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
     return (out * jnp.arange(7.0)).sum(), out
 
-  (l1, y1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, fast), has_aux=True))(
-      variables["params"])
-  (l2, y2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, plain), has_aux=True))(
-      variables["params"])
-  assert rel_err(y1, y2) <= 1e-5
   flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
-  assert rel_err(flat(g1), flat(g2)) <= 1e-4
+  results = {}
+  for ops in (LAX, cpu.FAST_XLA) + ((cpu.ONEDNN,) if onednn.available() else ()):
+    model = plain.clone(ops=ops)
+    assert (jax.tree.structure(jax.eval_shape(model.init, jax.random.key(0), x))
+            == jax.tree.structure(variables))
+    (_, y), g = jax.jit(jax.value_and_grad(lambda p, m=model: loss(p, m), has_aux=True))(
+        variables["params"])
+    results[ops] = y, flat(g)
+  for ops, ref in ((cpu.FAST_XLA, LAX), (cpu.ONEDNN, cpu.FAST_XLA)):
+    if ops in results:
+      assert rel_err(results[ops][0], results[ref][0]) <= 1e-5, ops
+      assert rel_err(results[ops][1], results[ref][1]) <= 1e-4, ops
+  assert len(results) == 3 or not onednn.available()

@@ -12,7 +12,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from googlenet_jax import GoogLeNet, feature_names
 from googlenet_jax.convert import torch_to_flax
-from helpers import nchw_to_nhwc, rel_err
+from helpers import init_variables, nchw_to_nhwc, rel_err
 import torch_reference
 
 torch.set_num_threads(2)
@@ -71,7 +71,7 @@ def test_upto_stops_there():
   and no more; its maps equal the full pass's."""
   model = GoogLeNet(variant="torchvision", num_classes=NUM_CLASSES)
   x = jnp.asarray(np.random.RandomState(0).randn(1, 32, 32, 3), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = init_variables(model, x.shape)
 
   def convs(upto):
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, method="features", upto=upto))(variables)
@@ -101,7 +101,7 @@ def test_backbone_under_jit_grad_and_vmap():
   stages that ran (and no others), per-example under vmap as in a batch."""
   model = GoogLeNet(variant="torchvision", num_classes=NUM_CLASSES, dropout=0.0)
   x = jnp.asarray(np.random.RandomState(1).randn(4, 32, 32, 3), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = init_variables(model, x.shape)
   head = jnp.asarray(np.random.RandomState(2).randn(832), jnp.float32)
 
   def loss(params, x):

@@ -57,6 +57,15 @@ TORCHVISION_RECIPES = {
     # AdamW (decoupled decay), polynomial decay
     "adamw_poly": dict(optimizer="adamw", learning_rate=3e-4, weight_decay=0.05,
                        lr_schedule="poly"),
+    # AdamW, Adam (coupled L2) and RMSprop with BatchNorm parameters and biases undecayed: two
+    # parameter groups in PyTorch, optax's weight-decay mask here
+    "adamw_groups": dict(optimizer="adamw", learning_rate=3e-4, weight_decay=0.05,
+                         weight_decay_norm_and_bias=False, lr_schedule="constant"),
+    "adam_l2_groups": dict(optimizer="adam", learning_rate=3e-4, weight_decay=1e-4,
+                           weight_decay_norm_and_bias=False, lr_schedule="constant"),
+    "rmsprop_groups": dict(optimizer="rmsprop", learning_rate=1e-4, rmsprop_eps=1e-3,
+                           weight_decay=1e-4, weight_decay_norm_and_bias=False,
+                           lr_schedule="constant"),
     # RMSprop with momentum, PyTorch's form; warm-up, then step decay
     "rmsprop": dict(optimizer="rmsprop", learning_rate=1e-4, rmsprop_eps=1e-3,
                     lr_schedule="step", decay_epochs=4, decay_rate=0.8, warmup_epochs=3),

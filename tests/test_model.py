@@ -12,7 +12,7 @@ import torch
 from googlenet_jax import GoogLeNet, GoogLeNetOutputs, TABLE_1, count_params, layers
 from googlenet_jax.convert import flax_to_torch, torch_to_flax
 from googlenet_jax.variants import Inception
-from helpers import nchw_to_nhwc, rel_err
+from helpers import dropout_calls, init_variables, nchw_to_nhwc, rel_err
 
 
 def param_shapes(variant, size=224, channels=3, **kw):
@@ -45,7 +45,7 @@ X = jnp.asarray(np.random.RandomState(0).rand(2, 64, 64, 3), jnp.float32)
 
 @functools.lru_cache(maxsize=None)
 def _variables():
-  return jax.jit(MODEL.init)(jax.random.key(0), X)
+  return init_variables(MODEL, X.shape)
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +148,20 @@ def test_lrn_matches_pytorch_local_response_norm():
 def test_paper_layout_runs_with_lrn_and_7x7_head():
   model = GoogLeNet(variant="paper", num_classes=3)
   x = jnp.ones((1, 224, 224, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = init_variables(model, x.shape)
   assert jax.jit(model.apply)(variables, x).shape == (1, 3)
   # Caffe's initialisation: biases 0.2, classifier bias 0.
   assert np.all(variables["params"]["conv1"]["conv"]["bias"] == 0.2)
   assert np.all(variables["params"]["classifier"]["bias"] == 0.0)
+
+
+def test_paper_layout_drops_out_where_the_paper_says():
+  """Szegedy et al. 2014, section 5: the main classifier has "a dropout layer with 40% ratio of
+  dropped outputs" before its linear layer; each auxiliary classifier "a fully connected layer
+  with 1024 units" then "a dropout layer with 70% ratio of dropped outputs" (no reference
+  implementation of the paper's layout is run here: its text is the reference)."""
+  got = dropout_calls(GoogLeNet(variant="paper", num_classes=3), (2, 224, 224, 3))
+  assert got == [(0.4, 1024), (0.7, 1024), (0.7, 1024)], got
 
 
 def test_converter_lists_every_bad_key_at_once():

@@ -16,6 +16,8 @@ import pytest
 
 from googlenet_jax.train import model_dir
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -59,7 +61,7 @@ def _bn_args(workdir, parallel, dtype):
 
 
 def _env():
-  return {**os.environ, "XLA_FLAGS": "", "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  return subprocess_env()
 
 
 def _one_process(workdir, args):

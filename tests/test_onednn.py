@@ -107,26 +107,8 @@ def test_data_parallel_gradients_match_one_device():
   assert rel_err(got, ref) <= 1e-5
 
 
-@pytest.mark.slow
-@needs_onednn
-def test_network_outputs_and_gradients_match_xla_kernels():
-  """(The PyTorch parity tests in the default run take the oneDNN path too.)"""
-  x = _rand((2, 48, 48, 3), 5)
-  model = GoogLeNet(num_classes=7, aux_logits=False, ops=cpu.ONEDNN)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
-
-  def loss(params, model):
-    out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
-    return sum(((o * jnp.arange(7.0)).sum() for o in jax.tree.leaves(out))), out
-
-  run = lambda m: jax.jit(jax.value_and_grad(lambda p: loss(p, m), has_aux=True))(
-      variables["params"])
-  (l1, y1), g1 = run(model)
-  (l2, y2), g2 = run(model.clone(ops=cpu.FAST_XLA))
-  for a, b in zip(jax.tree.leaves(y1), jax.tree.leaves(y2)):
-    assert rel_err(a, b) <= 1e-5
-  flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
-  assert rel_err(flat(g1), flat(g2)) <= 1e-4
+# The whole network on oneDNN against XLA's kernels: tests/test_fast_ops.py
+# (test_network_same_parameters_outputs_and_gradients_on_every_kernel_set).
 
 
 def test_failed_build_falls_back_with_one_warning(tmp_path):

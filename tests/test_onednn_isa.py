@@ -14,12 +14,13 @@ cap, runs at every batch size and input size that reaches it, and nothing runs t
 same reason. The worker also runs `onednn.self_check` (several threads, the gemm kernels'
 scratchpads), which crashed the process on every try before the scratchpads were the shim's.
 
-Whole training steps (slow): classic and torchvision, pmap and shard_map, 1 and 8 devices, as
-a pairwise cover (4 runs per cap; see `STEP_RUNS`), against the same steps on XLA's kernels.
+Training steps (slow): classic and torchvision, pmap and shard_map, 1 and 8 devices, as a
+pairwise cover (`STEP_RUNS`), one run per cap, each against the same step on XLA's kernels.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,10 @@ from googlenet_jax.cpu import onednn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ISA_CAPS = ["SSE41", "AVX2", "AVX512_CORE", None]  # None: the host's own
+# The training-step runs (layout, parallel mode, devices), one per cap: every pair of (layout,
+# mode), (layout, devices) and (mode, devices) values occurs once.
+STEP_RUNS = (("classic", "pmap", 1), ("classic", "shard_map", 8),
+             ("torchvision", "pmap", 8), ("torchvision", "shard_map", 1))
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="oneDNN convolutions unavailable")
 
@@ -116,19 +121,60 @@ def test_the_layouts_convolutions_are_all_enumerated(cases_file):
   assert len(cases) > 150, len(cases)
 
 
+# oneDNN's kernel names end in the instruction set they are written for ("jit:avx2",
+# "brgconv_1x1:avx512_core", "x64:gemm:jit" for its ISA-independent gemm path).
+ISA_LEVELS = {"sse41": 1, "avx": 2, "avx2": 3, "avx512_core": 4, "amx": 5}
+
+
+def _isa_level(name: str):
+  """The level of the instruction set a kernel name says it uses, or None for none."""
+  found = None
+  for part in re.split(r"[+:]", name):
+    for isa, level in ISA_LEVELS.items():
+      if part == isa or part.startswith(isa + "_"):  # avx2_vnni, avx512_core_bf16, ...
+        level = ISA_LEVELS["amx"] if "amx" in part else level
+        found = max(found or 0, level)
+  return found
+
+
+def _host_level() -> int:
+  flags = set()
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("flags"):
+        flags |= set(line.split(":", 1)[1].split())
+  if "amx_tile" in flags:
+    return ISA_LEVELS["amx"]
+  if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+    return ISA_LEVELS["avx512_core"]
+  return ISA_LEVELS["avx2"] if "avx2" in flags else ISA_LEVELS["sse41"]
+
+
+def test_kernel_names_give_their_instruction_set():
+  assert _isa_level("jit:sse41") == 1 and _isa_level("jit_1x1:avx2") == 3
+  assert _isa_level("brg_fwd:avx512_core+brgconv:avx512_core") == 4
+  assert _isa_level("brgconv:avx512_core_amx") == 5 and _isa_level("x64:gemm:jit") is None
+
+
 @pytest.mark.parametrize("isa", ISA_CAPS, ids=lambda v: v or "host")
 def test_every_implementation_matches_lax(isa, cases_file):
   report = _worker(isa, "passes", cases_file, timeout=900)
   seen = report["implementations"]
-  assert set(seen) == {"forward", "backward_data", "backward_weights"}
-  if isa == "SSE41":  # the cap does reach oneDNN: no AVX kernels at all
-    assert not any("avx" in name for names in seen.values() for name in names), seen
+  assert all(seen.get(p) for p in ("forward", "backward_data", "backward_weights")), seen
+  # The cap took effect: no kernel above it, and the best the cap and this CPU allow is used.
+  levels = {name: _isa_level(name) for names in seen.values() for name in names}
+  used = max(level for level in levels.values() if level is not None)
+  expected = _host_level() if isa is None else min(ISA_LEVELS[isa.lower()], _host_level())
+  assert used == expected, (isa, levels)
   print(json.dumps(report))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", ISA_CAPS, ids=lambda v: v or "host")
-def test_training_steps_match_xla_kernels(isa):
-  report = _worker(isa, "steps", timeout=1800)
-  assert len(report) == 5, report  # four runs and the cap
+@pytest.mark.parametrize("isa,run", list(zip(ISA_CAPS, STEP_RUNS)),
+                         ids=lambda v: v if isinstance(v, str) else "host" if v is None
+                         else "-".join(map(str, v)))
+def test_training_step_matches_xla_kernels(isa, run):
+  """One step per cap; together the caps cover the pairs of layout, mode and device count."""
+  report = _worker(isa, "steps", *map(str, run), timeout=1200)
+  assert report["run"] == "/".join(map(str, run)) and report["isa"] == (isa or "host"), report
   print(json.dumps(report))

@@ -9,7 +9,7 @@ import pytest
 import keras_reference
 from googlenet_jax import GoogLeNet, GoogLeNetOutputs, probabilities
 from googlenet_jax.convert import keras_to_flax
-from helpers import rel_err
+from helpers import dropout_calls, rel_err
 
 NUM_CLASSES = 10
 
@@ -62,3 +62,22 @@ def test_keras_layout_rejects_sizes_its_pooling_cannot_take():
   model = GoogLeNet(variant="keras", num_classes=NUM_CLASSES)
   with pytest.raises(ValueError, match="7x7"):
     model.init(jax.random.key(0), jnp.zeros((1, 160, 160, 3)))
+
+
+def test_dropout_rates_and_places_match_keras(keras_model):
+  """Each dropout of a train-mode pass (rate, width of what it drops) against the Keras
+  model's Dropout layers, called in training mode."""
+  calls, real = [], keras.layers.Dropout.call
+
+  def record(self, inputs, training=False):
+    if training and self.rate > 0:
+      calls.append((round(float(self.rate), 6), int(inputs.shape[-1])))
+    return real(self, inputs, training=training)
+
+  keras.layers.Dropout.call = record
+  try:
+    keras_model(np.zeros((2, 224, 224, 3), np.float32), training=True)
+  finally:
+    keras.layers.Dropout.call = real
+  got = dropout_calls(GoogLeNet(variant="keras", num_classes=NUM_CLASSES), (2, 224, 224, 3))
+  assert got == sorted(calls) and len(got) == 5, (got, sorted(calls))

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from googlenet_jax import GoogLeNet, GoogLeNetOutputs
 from googlenet_jax import cpu
 from googlenet_jax.convert import flax_to_torch, torch_to_flax
-from helpers import nchw_to_nhwc, rel_err
+from helpers import dropout_calls, nchw_to_nhwc, rel_err, torch_dropout_calls
 import torch_reference
 
 torch.set_num_threads(2)
@@ -83,16 +83,13 @@ def test_cpu_kernels_eval_logits_match_pytorch(variant, size):
   assert rel_err(got, ref) <= TOL
 
 
-@pytest.mark.parametrize("variant,size", [("torchvision", 224), ("torchvision", 177),
-                                          ("classic", 224), ("classic", 239)])
-def test_train_outputs_and_running_stats_match_pytorch(variant, size):
-  tmodel = make_torch(variant).train()
-  variables = torch_to_flax(tmodel.state_dict(), variant)
-  x = random_images(variant, size, batch=4)
-  logits, aux_4d, aux_4a = tmodel(torch.from_numpy(x))  # both return (logits, aux2, aux1)
-  model = jax_model(variant)
-  out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-      variables, jnp.asarray(nchw_to_nhwc(x)))
+def _check_train_outputs(variant, tmodel, torch_out, out, updates, variables):
+  """JAX's train-mode outputs and BatchNorm updates against PyTorch's, after `tmodel` (train
+  mode) produced `torch_out` from the same images and `variables`."""
+  if variant == "d2l":  # no aux heads, no BatchNorm
+    assert rel_err(out, torch_out.detach().numpy()) <= TOL
+    return
+  logits, aux_4d, aux_4a = torch_out  # both return (logits, aux2, aux1)
   assert isinstance(out, GoogLeNetOutputs)
   tol = TOL_TRAIN_BN if variant == "torchvision" else TOL
   for got, ref in ((out.logits, logits), (out.aux1, aux_4a), (out.aux2, aux_4d)):
@@ -104,7 +101,22 @@ def test_train_outputs_and_running_stats_match_pytorch(variant, size):
     assert rel_err(updated["conv1"]["bn"]["var"], variables["batch_stats"]["conv1"]["bn"]["var"]) > 1e-3
 
 
+# (classic, 224) and the other gradient cases below check the train outputs too.
+@pytest.mark.parametrize("variant,size", [("torchvision", 224), ("torchvision", 177),
+                                          ("classic", 239)])
+def test_train_outputs_and_running_stats_match_pytorch(variant, size):
+  tmodel = make_torch(variant).train()
+  variables = torch_to_flax(tmodel.state_dict(), variant)
+  x = random_images(variant, size, batch=4)
+  torch_out = tmodel(torch.from_numpy(x))
+  model = jax_model(variant)
+  out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      variables, jnp.asarray(nchw_to_nhwc(x)))
+  _check_train_outputs(variant, tmodel, torch_out, out, updates, variables)
+
+
 def _torch_loss_and_grads(tmodel, x, labels):
+  """(outputs, {name: gradient}) of the training loss (aux heads weighted 0.3)."""
   out = tmodel(torch.from_numpy(x))
   if isinstance(out, tuple):
     logits, aux_4d, aux_4a = out
@@ -114,18 +126,20 @@ def _torch_loss_and_grads(tmodel, x, labels):
     loss = F.cross_entropy(out, labels)
   tmodel.zero_grad()
   loss.backward()
-  return {k: p.grad.detach().numpy() for k, p in tmodel.named_parameters()}
+  return out, {k: p.grad.detach().numpy() for k, p in tmodel.named_parameters()}
 
 
-def _jax_grads(model, variables, x, labels):
+def _jax_outputs_and_grads(model, variables, x, labels):
+  """((outputs, BatchNorm updates), gradients) of the same loss: one compiled program."""
   def loss_fn(params):
-    out, _ = model.apply({**variables, "params": params}, x, train=True,
-                         mutable=["batch_stats"])
+    out, updates = model.apply({**variables, "params": params}, x, train=True,
+                               mutable=["batch_stats"])
     ce = lambda z: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], 1))
     if isinstance(out, GoogLeNetOutputs):
-      return ce(out.logits) + 0.3 * ce(out.aux1) + 0.3 * ce(out.aux2)
-    return ce(out)
-  return jax.jit(jax.grad(loss_fn))(variables["params"])
+      return ce(out.logits) + 0.3 * ce(out.aux1) + 0.3 * ce(out.aux2), (out, updates)
+    return ce(out), (out, updates)
+  (_, outputs), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+  return outputs, grads
 
 
 def _flat(grads: dict, keys):
@@ -137,15 +151,18 @@ GRAD_CASES = [("classic", 224), ("torchvision", 128), ("d2l", 96)]
 
 @pytest.mark.parametrize("variant,size", GRAD_CASES)
 def test_gradients_match_pytorch_in_float64_and_float32(variant, size):
+  """Gradients against PyTorch's float64 ones; the float32 pass also checks the train-mode
+  outputs and running statistics against PyTorch's float32 model on the same images."""
   x64 = random_images(variant, size, batch=3, dtype=np.float64)
   labels = np.array([1, 7, 3])
   t64 = make_torch(variant, dtype=torch.float64).train()
-  ref = _torch_loss_and_grads(t64, x64, torch.from_numpy(labels))
+  _, ref = _torch_loss_and_grads(t64, x64, torch.from_numpy(labels))
   keys = sorted(ref)
   with jax.enable_x64(True):
     variables = torch_to_flax(make_torch(variant, dtype=torch.float64).state_dict(), variant)
     model = jax_model(variant, dtype=jnp.float64, param_dtype=jnp.float64)
-    grads = _jax_grads(model, variables, jnp.asarray(nchw_to_nhwc(x64)), jnp.asarray(labels))
+    _, grads = _jax_outputs_and_grads(model, variables, jnp.asarray(nchw_to_nhwc(x64)),
+                                      jnp.asarray(labels))
     chex.assert_trees_all_equal_dtypes(grads, variables["params"])
     got64 = flax_to_torch(grads, variant, as_numpy=True)
   assert sorted(got64) == keys  # every parameter has a gradient, named as PyTorch names it
@@ -155,15 +172,35 @@ def test_gradients_match_pytorch_in_float64_and_float32(variant, size):
   # float32 gradients are ~5e-3 from float64 (near-ties in max pools flip between float32 and
   # float64 and route gradients differently); JAX must stay within 3x of PyTorch's own error.
   t32 = make_torch(variant).train()
-  torch_err32 = rel_err(_flat(_torch_loss_and_grads(t32, x64.astype(np.float32),
-                                                    torch.from_numpy(labels)), keys),
-                        _flat(ref, keys))
+  variables32 = torch_to_flax(t32.state_dict(), variant)
+  x32 = x64.astype(np.float32)
+  torch_out32, torch_grads32 = _torch_loss_and_grads(t32, x32, torch.from_numpy(labels))
+  torch_err32 = rel_err(_flat(torch_grads32, keys), _flat(ref, keys))
   tol32 = max(1e-3, 3 * torch_err32) if variant == "torchvision" else 1e-3
-  variables32 = torch_to_flax(make_torch(variant).state_dict(), variant)
-  grads32 = _jax_grads(jax_model(variant), variables32, jnp.asarray(nchw_to_nhwc(x64), jnp.float32),
-                       jnp.asarray(labels))
+  (out32, updates32), grads32 = _jax_outputs_and_grads(
+      jax_model(variant), variables32, jnp.asarray(nchw_to_nhwc(x32)), jnp.asarray(labels))
   got32 = flax_to_torch(grads32, variant, as_numpy=True)
   assert rel_err(_flat(got32, keys), _flat(ref, keys)) <= tol32
+  _check_train_outputs(variant, t32, torch_out32, out32, updates32, variables32)
+
+
+@pytest.mark.parametrize("variant,size", [("torchvision", 224), ("classic", 224), ("d2l", 96)])
+def test_dropout_rates_and_places_match_pytorch(variant, size):
+  """Each dropout of a train-mode pass (rate, and the width of what it drops: before which
+  layer), with the layout's own rates, against the PyTorch model's defaults."""
+  if variant == "torchvision":
+    tmodel = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False,
+                                          num_classes=NUM_CLASSES)
+  elif variant == "classic":
+    tmodel = torch_reference.ClassicGoogLeNet(NUM_CLASSES)
+  else:
+    tmodel = torch_reference.d2l_googlenet(NUM_CLASSES)
+  x = random_images(variant, size)
+  expected = torch_dropout_calls(tmodel, torch.from_numpy(x))
+  got = dropout_calls(GoogLeNet(variant=variant, num_classes=NUM_CLASSES),
+                      nchw_to_nhwc(x).shape)
+  assert got == expected, (got, expected)
+  assert variant == "d2l" or len(got) >= 3  # the main head and both aux heads
 
 
 @pytest.mark.parametrize("variant", ["classic", "torchvision", "d2l"])

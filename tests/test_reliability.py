@@ -25,6 +25,8 @@ from googlenet_jax import train as training
 
 from googlenet_jax.train import checkpointing, input_pipeline
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.image_size=32", "--config.batch_size=16", "--config.num_train_steps=12",
          "--config.log_every_steps=2", "--config.eval_every_steps=6",
@@ -32,8 +34,7 @@ SMALL = ["--config.image_size=32", "--config.batch_size=16", "--config.num_train
 
 
 def _env():
-  return {**os.environ, "XLA_FLAGS": "", "JAX_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
-          "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess_env()
 
 
 def _train_cmd(workdir, data_dir, *overrides):
@@ -411,7 +412,7 @@ def test_skip_nonfinite_step_leaves_the_state_unchanged():
   config.update(dict(image_size=32, batch_size=2))
   model = _Tiny()
   tx = training.create_optimizer(config, 10, 10)
-  state = training.create_train_state(model, tx, config, (1, 32, 32, 3))
+  state = training.create_train_state(model, tx, config, (1, 32, 32, 3), fast_init=True)
   one = training.Parallel("pmap", jax.devices()[:1])
   step = one.compile(lambda s, b: training.train_step(s, b, model=model, tx=tx,
                                                       aux_loss_weight=0.3, skip_nonfinite=True))

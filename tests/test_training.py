@@ -11,9 +11,8 @@ import pytest
 
 from configs import default
 from googlenet_jax import train as training
-
-
 from googlenet_jax import GoogLeNet
+from helpers import init_variables
 
 
 
@@ -37,7 +36,7 @@ def _run_steps(mode, devices, config, batches):
   parallel = training.Parallel(mode, devices)
   model = training.create_model(config, num_classes=10)
   tx = training.create_optimizer(config, steps_per_epoch=10, num_steps=10)
-  state = training.create_train_state(model, tx, config, (1, 64, 64, 3))
+  state = training.create_train_state(model, tx, config, (1, 64, 64, 3), fast_init=True)
   state = parallel.replicate(state)
   step = parallel.compile(functools.partial(training.train_step, model=model, tx=tx,
                                             aux_loss_weight=0.3), donate_state=True)
@@ -90,7 +89,8 @@ def test_eight_devices_match_one_device_with_the_full_batch(mode, batches, singl
   # The parameters, as a relative L2 error of what the steps moved (relative to the parameters
   # themselves any bound above 1e-8 would pass whatever the update).
   init = _flat(training.create_train_state(
-      training.create_model(config, 10), optax.sgd(0.1), config, (1, 64, 64, 3)).params)
+      training.create_model(config, 10), optax.sgd(0.1), config, (1, 64, 64, 3),
+      fast_init=True).params)
   update = _flat(ref_state.params) - init
   assert np.linalg.norm(update) > 3e-5 * np.linalg.norm(init)  # the steps moved them
   err = np.linalg.norm(_flat(state.params) - _flat(ref_state.params)) / np.linalg.norm(update)
@@ -124,7 +124,7 @@ def test_cross_replica_batchnorm_gradients_match_one_device_in_float64():
     model = GoogLeNet(variant="torchvision", num_classes=10, dropout=0.0, aux_dropout=0.0,
                       dtype=jnp.float64, param_dtype=jnp.float64, bn_axis_name=training.AXIS)
     tx = optax.sgd(1.0)
-    state = training.create_train_state(model, tx, _config(), (1, 64, 64, 3))
+    state = training.create_train_state(model, tx, _config(), (1, 64, 64, 3), fast_init=True)
     deltas = {}
     for mode, n in (("shard_map", 1), ("pmap", 8), ("shard_map", 8)):
       parallel = training.Parallel(mode, jax.devices()[:n])
@@ -145,7 +145,7 @@ def test_cross_replica_batchnorm_gradients_match_one_device_in_float64():
 def test_half_precision_computes_in_bfloat16_and_keeps_float32_params(batches):
   config = _config(half_precision=True)
   model = training.create_model(config, num_classes=10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  variables = init_variables(model, (1, 64, 64, 3))
   jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
       variables, jnp.zeros((2, 64, 64, 3))))
   assert "bf16[2,32,32,64]" in jaxpr, "the stem should run in bfloat16"
@@ -158,7 +158,8 @@ def test_half_precision_computes_in_bfloat16_and_keeps_float32_params(batches):
              if jnp.issubdtype(x.dtype, jnp.floating))
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)  # bf16: 8 bits of mantissa
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
-  init = training.create_train_state(model, optax.sgd(0.1), config, (1, 64, 64, 3))
+  init = training.create_train_state(model, optax.sgd(0.1), config, (1, 64, 64, 3),
+                                     fast_init=True)
   moved = flat(ref_state.params) - flat(init.params)
   # the bf16 step's update follows the float32 step's
   diff = flat(state.params) - flat(ref_state.params)

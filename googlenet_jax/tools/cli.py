@@ -8,6 +8,8 @@ import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Optional
 
 USAGE_ERROR = 2
@@ -29,20 +31,109 @@ def configure_logging(fmt: str = "%(levelname)s %(message)s", libraries: int = l
     ours.propagate = False
 
 
-def enable_compilation_cache() -> Optional[str]:
-  """Turns on JAX's persistent compilation cache, in $JAX_CACHE_DIR or else
-  ~/.cache/googlenet_jax/xla (`JAX_CACHE_DIR=off` leaves it off). A resumed or repeated run
-  then loads its compiled steps instead of compiling them again (classic 224x224 train step on
-  XLA:CPU: ~25 s cold, ~1 s from the cache). Returns the directory used, or None."""
+def default_cache_dir() -> str:
+  """$JAX_CACHE_DIR, or else ~/.cache/googlenet_jax/xla: outside any checkout, so the next run,
+  the next clone and the test suite's subprocesses share one cache."""
   cache = os.environ.get("JAX_CACHE_DIR")
   if cache is None:
     cache = os.path.join(os.path.expanduser("~"), ".cache", "googlenet_jax", "xla")
+  return cache
+
+
+def enable_compilation_cache(min_compile_secs: float = 1.0) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `default_cache_dir()` (`JAX_CACHE_DIR=off`
+  leaves it off), for programs that took at least `min_compile_secs` to compile. A resumed or
+  repeated run then loads its compiled steps instead of compiling them again (classic 224x224
+  train step on XLA:CPU: ~25 s cold, ~1 s from the cache). Entries are written whole or not at
+  all (`_install_atomic_cache_writes`), so several processes may share the directory and one
+  killed mid-write leaves nothing behind that a later run would read. Returns the directory
+  used, or None."""
+  cache = default_cache_dir()
   if cache.strip().lower() in ("", "0", "off", "none"):
     return None
   import jax  # pylint: disable=import-outside-toplevel
+  _install_atomic_cache_writes()
   jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+  _remove_stale_partial_writes(cache)
   return cache
+
+
+_PARTIAL = ".partial"
+
+
+def _install_atomic_cache_writes() -> bool:
+  """JAX writes a cache entry in place (`Path.write_bytes`) and never replaces one that
+  exists: a process killed mid-write (or a full disk) leaves a truncated entry that every later
+  run fails to read, warns about and compiles again. This swaps JAX's file cache for one that
+  writes each entry to a temporary file in the same directory and renames it into place (readers
+  see the whole entry or none), and that deletes an entry it finds unreadable so that the next
+  compile rewrites it. Returns False where this JAX's cache has another shape (left as it is)."""
+  try:
+    from jax._src import compilation_cache, lru_cache  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  base = getattr(compilation_cache, "LRUCache", None)
+  suffix = getattr(lru_cache, "_CACHE_SUFFIX", None)
+  decompress = getattr(compilation_cache, "decompress_executable", None)
+  if base is None or suffix is None or decompress is None:
+    return False
+  if getattr(base, "writes_atomically", False):
+    return True
+
+  class AtomicLRUCache(base):  # pylint: disable=too-few-public-methods
+    """JAX's LRUCache with whole-entry writes and unreadable entries dropped."""
+    writes_atomically = True
+
+    def _local(self) -> bool:
+      return (not getattr(self, "eviction_enabled", False)
+              and lru_cache._is_local_filesystem(str(self.path)))  # pylint: disable=protected-access
+
+    def get(self, key):
+      value = super().get(key)
+      if value is None or not self._local():
+        return value
+      try:
+        decompress(value)
+      except Exception:  # pylint: disable=broad-except
+        logging.getLogger("googlenet_jax").warning(
+            "compilation cache: dropping the unreadable entry %s", key)
+        (self.path / f"{key}{suffix}").unlink(missing_ok=True)
+        return None
+      return value
+
+    def put(self, key, value):
+      if not key or not self._local():
+        return super().put(key, value)
+      path = self.path / f"{key}{suffix}"
+      if path.exists():
+        return None
+      partial = self.path / f".{key}.{os.getpid()}.{threading.get_ident()}{_PARTIAL}"
+      try:
+        partial.write_bytes(value)
+        os.replace(partial, path)
+      finally:
+        partial.unlink(missing_ok=True)
+      return None
+
+  compilation_cache.LRUCache = AtomicLRUCache
+  compilation_cache.reset_cache()  # a cache opened before uses the new class from now on
+  return True
+
+
+def _remove_stale_partial_writes(cache: str, older_than_secs: float = 3600.0) -> None:
+  """The temporary files of writers that were killed (an hour old: no writer takes that long)."""
+  now = time.time()
+  try:
+    names = os.listdir(cache)
+  except OSError:
+    return
+  for name in names:
+    if name.endswith(_PARTIAL):
+      path = os.path.join(cache, name)
+      with contextlib.suppress(OSError):
+        if now - os.path.getmtime(path) > older_than_secs:
+          os.unlink(path)
 
 
 def setup() -> None:
