@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.random_flip = False
   config.eval_crop_fraction = 1.0  # 1.0: resize the whole image to image_size
   config.shuffle_buffer = 1024
+  # The input pipeline: "tfdata" (TensorFlow; every source, TPUs and CPUs) or "dali" (NVIDIA
+  # DALI, the googlenet_jax[dali] extra: decodes on the GPU on a GPU backend; folders and TFDS
+  # records of JPEG/PNG images; the same examples, crops and flips as tf.data).
+  config.data_loader = "tfdata"
   config.data_threads = 0  # tf.data's threads for decoding and augmenting; 0: one per core
   config.prefetch_batches = 2  # batches prepared ahead on the host
   config.device_prefetch = 2  # and copied to the devices ahead of the step (shard_map)

@@ -51,5 +51,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     problems.append(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
   if config.get("skip_nonfinite_steps", 0) < 0:
     problems.append(f"skip_nonfinite_steps must be >= 0, got {config.skip_nonfinite_steps}")
+  if config.get("data_loader", "tfdata") not in ("tfdata", "dali"):
+    problems.append(f"data_loader must be 'tfdata' or 'dali', got {config.data_loader!r}")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))

@@ -365,6 +365,35 @@ def steps_per_epoch(source: Source, config) -> int:
   return max(1, n // config.batch_size)
 
 
+def train_positions(n: int, per_epoch: int, config, start_step: int, num_steps: int,
+                    process_index: int = 0, process_count: int = 1) -> Iterator[tuple[int, int]]:
+  """(example index, augmentation position) of each of this process's training examples for
+  steps start_step..num_steps-1 of a random-access split of n examples: the order is a
+  permutation per epoch seeded by (seed, epoch); the position is unique in the run and seeds
+  the example's augmentation as [seed, position]."""
+  local = config.batch_size // process_count
+  perm_epoch, perm = -1, None
+  for step in range(start_step, num_steps):
+    epoch = step // per_epoch
+    if epoch != perm_epoch:
+      perm_epoch, perm = epoch, np.random.RandomState([config.seed, epoch]).permutation(n)
+    offset = (step % per_epoch) * config.batch_size + process_index * local
+    for j in range(local):
+      yield int(perm[offset + j]), step * config.batch_size + process_index * local + j
+
+
+def eval_positions(n: int, batch: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[tuple[int, int]]:
+  """(example index, mask) of this process's evaluation examples of a random-access split of n:
+  ceil(n / batch) global batches, this process's slice of each; padding repeats example 0
+  with mask 0."""
+  local = batch // process_count
+  for b in range(math.ceil(n / batch)):
+    for j in range(local):
+      i = b * batch + process_index * local + j
+      yield (i if i < n else 0), int(i < n)
+
+
 def train_batches(source: Source, config, start_step: int, num_steps: int,
                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
   """This process's part of the global training batches for steps start_step..num_steps-1:
@@ -373,19 +402,12 @@ def train_batches(source: Source, config, start_step: int, num_steps: int,
   if source.builder is not None:
     return _streamed_train(source, config, start_step, num_steps, process_index, process_count)
   split = source.splits[source.train_split]
-  n, per_epoch = len(split), steps_per_epoch(source, config)
+  per_epoch = steps_per_epoch(source, config)
   seed = config.seed
 
   def positions():
-    perm_epoch, perm = -1, None
-    for step in range(start_step, num_steps):
-      epoch = step // per_epoch
-      if epoch != perm_epoch:
-        perm_epoch, perm = epoch, np.random.RandomState([seed, epoch]).permutation(n)
-      offset = (step % per_epoch) * config.batch_size + process_index * local
-      for j in range(local):
-        # (example index, a position that is unique in the run: the augmentation seed)
-        yield perm[offset + j], step * config.batch_size + process_index * local + j
+    return train_positions(len(split), per_epoch, config, start_step, num_steps, process_index,
+                           process_count)
 
   ds = tf.data.Dataset.from_generator(
       positions, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
@@ -456,15 +478,10 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
   local = batch // process_count
   if source.builder is None:
     split = source.splits[split_name]
-    n = len(split)
-    num_batches = math.ceil(n / batch)
     labels = np.asarray(split.labels, np.int32)
 
     def positions():
-      for b in range(num_batches):
-        for j in range(local):
-          i = b * batch + process_index * local + j
-          yield (i if i < n else 0), int(i < n)
+      return eval_positions(len(split), batch, process_index, process_count)
 
     ds = tf.data.Dataset.from_generator(
         positions, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int32)))

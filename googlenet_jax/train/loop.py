@@ -27,9 +27,17 @@ from googlenet_jax.train.steps import eval_step, train_step
 log = logging.getLogger("googlenet_jax")
 
 
+def loader(config):
+  """The module whose `train_batches` / `eval_batches` feed the run (`config.data_loader`)."""
+  if config.get("data_loader", "tfdata") == "dali":
+    from googlenet_jax.train import dali_pipeline  # pylint: disable=import-outside-toplevel
+    return dali_pipeline
+  return input_pipeline
+
+
 def evaluate(p_eval, state, source, config, parallel: Parallel) -> dict:
   totals = None
-  for batch in input_pipeline.eval_batches(source, config, process_index=jax.process_index(),
+  for batch in loader(config).eval_batches(source, config, process_index=jax.process_index(),
                                            process_count=jax.process_count()):
     sums = p_eval(state, parallel.batch(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -199,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
   p_eval = parallel.compile(functools.partial(eval_step, model=model,
                                               use_ema=config.get("eval_with_ema", False)))
   batches = parallel.prefetch(
-      input_pipeline.train_batches(source, config, start_step, num_steps,
+      loader(config).train_batches(source, config, start_step, num_steps,
                                    jax.process_index(), jax.process_count()),
       config.get("device_prefetch", 2))
   log_every = config.get("log_every_steps", 10)
