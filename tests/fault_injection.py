@@ -94,6 +94,11 @@ def _final_state(workdir: str):
     return mgr.latest_step(), mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore())
 
 
+def _checksum_problem(workdir: str, step: int):
+  from googlenet_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
+  return checkpointing.verify_checksums(os.path.join(workdir, "checkpoints", str(step)))
+
+
 def _identical(a, b) -> bool:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -104,8 +109,10 @@ def _identical(a, b) -> bool:
 
 
 def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
-        verbose: bool = True) -> dict:
-  """Returns {"tried", "survived", "modes", "starts", "identical", "failures", ...}."""
+        verbose: bool = True, first: tuple[str, ...] = ()) -> dict:
+  """Returns {"tried", "survived", "modes", "starts", "identical", "failures", ...}. `first`:
+  the kinds of the first kills ("startup", "training", "save", "SIGTERM", "SIGINT"), the rest
+  drawn at random."""
   t_start = time.time()
   rng = random.Random(seed)
   root = workdir or tempfile.mkdtemp(prefix="fault_injection_")
@@ -140,8 +147,10 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
     before, stale = _complete_steps(killed), _saving(killed)  # (stale: left by a kill)
     proc = _start(killed, data_dir, log_path)
     out_of_budget = tried >= kills or time.time() - t_start > max_seconds
-    mode = None if out_of_budget or expect >= STEPS else rng.choice(
-        ["startup", "training", "training", "save", "save", "save", "signal", "signal"])
+    forced = first[tried] if tried < len(first) else None
+    mode = None if out_of_budget or expect >= STEPS else (
+        "signal" if forced in ("SIGTERM", "SIGINT") else forced) or rng.choice(
+            ["startup", "training", "training", "save", "save", "save", "signal", "signal"])
     started, delay = time.time(), rng.uniform(0.0, 1.0)
     target = rng.randint(expect + 1, STEPS - 1) if expect < STEPS - 1 else STEPS
     kill_sent, reached = None, None
@@ -154,8 +163,9 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
         if reached is None and _last_logged_step(killed) >= target:
           reached = now
         if reached is not None and now - reached > delay:
-          kill_sent = signal.SIGKILL if mode == "training" else rng.choice(
-              [signal.SIGTERM, signal.SIGINT])
+          kill_sent = (signal.SIGKILL if mode == "training" else
+                       signal.Signals[forced] if forced in ("SIGTERM", "SIGINT") else
+                       rng.choice([signal.SIGTERM, signal.SIGINT]))
       elif mode == "save" and _training(log_path) and _saving(killed) - stale:
         time.sleep(rng.uniform(0.0, 0.03))
         kill_sent = signal.SIGKILL
@@ -201,6 +211,13 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
     if before and not after:
       failures.append(f"attempt {attempt}: the {key} kill left no complete checkpoint")
     expect = max(after) if after else 0
+    if graceful and rc == 0:  # saved where it stopped, said so, and logged up to there
+      stopped = re.search(r"stopped at step (\d+) by a signal; checkpoint saved", log_text)
+      if not stopped or int(stopped.group(1)) != expect or _last_logged_step(killed) != expect:
+        failures.append(f"attempt {attempt}: {key} did not stop at a saved, logged step "
+                        f"({log_path})")
+      elif _checksum_problem(killed, expect):
+        failures.append(f"attempt {attempt}: checkpoint {expect} fails its checksums")
     say(f"kill {tried}: {key:8s} {time.time() - started:5.1f} s into start {attempt}; "
         f"complete checkpoints before {before}, after {after}")
   if unchecked:

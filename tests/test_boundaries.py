@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK = ("googlenet_jax", "googlenet_jax.models", "googlenet_jax.layers",
            "googlenet_jax.variants", "googlenet_jax.ops", "googlenet_jax.convert")
@@ -57,6 +59,7 @@ def test_the_network_imports_no_other_layer_and_no_training_library():
   assert got["tensors"] > 100
 
 
+@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
 def test_imports_models_init_and_apply_change_nothing_process_wide():
   got = _run("""
       import json, os, pkgutil, subprocess, sys

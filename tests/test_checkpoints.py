@@ -1,80 +1,20 @@
-"""Orbax checkpoints: preemption and bit-identical resume, restore on another device count,
-keep-N rotation and best-checkpoint retention."""
+"""Orbax checkpoints: restore on another device count along the same trajectory, keep-N
+rotation and best-checkpoint retention (preemption and resume: tests/test_reliability.py)."""
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
 from googlenet_jax import train as training
-
 from googlenet_jax.train import checkpointing
 
-from helpers import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--config.image_size=32", "--config.batch_size=16", "--config.num_train_steps=12",
-         "--config.log_every_steps=2", "--config.eval_every_steps=6",
-         "--config.checkpoint_every_steps=4", "--config.progress_bar=false"]
-
-
-def _train_cmd(workdir, data_dir):
-  return [sys.executable, "train.py", "--config", "configs/default.py", "--workdir",
-          str(workdir), f"--config.data_dir={data_dir}", *SMALL]
-
-
-def _env():
-  return subprocess_env()
-
-
-def _metrics(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "input_wait_fraction")} for r in rows]
-
-
-def _final_params(workdir):
-  directory = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(directory) as mgr:
-    return mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore())
-
-
-@pytest.mark.slow
-def test_sigterm_then_resume_is_bit_identical(tmp_path):
-  data_dir = tmp_path / "tfds"
-  whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-  run = subprocess.run(_train_cmd(whole, data_dir), cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-2000:]
-
-  proc = subprocess.Popen(_train_cmd(interrupted, data_dir), cwd=ROOT, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = interrupted / "metrics.jsonl"
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and any(json.loads(l)["step"] >= 2 for l in open(metrics)):
-      break
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, err[-2000:]
-  assert "stopped at step" in out
-  stopped_at = int(out.split("stopped at step ")[1].split()[0])
-  assert stopped_at < 12  # mid-run, and mid-epoch (89 steps per epoch)
-  run = subprocess.run(_train_cmd(interrupted, data_dir), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-2000:]
-  assert _metrics(interrupted) == _metrics(whole)
-  a, b = _final_params(interrupted), _final_params(whole)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+# SIGTERM / SIGINT mid-run, then resume, bit-identical: tests/test_reliability.py
+# (test_fault_injection_every_kill_resumes_to_identical_parameters, its first two kills).
 
 
 def _small_state(config):

@@ -107,6 +107,7 @@ def _small_config(**overrides):
   return config
 
 
+@pytest.mark.slow  # two full train-step compiles (the fast tier's time: make test runs in <= 8 minutes)
 def test_flat_and_per_parameter_optimiser_state_train_alike():
   rng = np.random.RandomState(0)
   batch = {"image": rng.randn(8, 64, 64, 3).astype(np.float32),

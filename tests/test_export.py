@@ -172,6 +172,7 @@ def test_jax_export_runs_in_jax_export_and_matches_the_model(model, tmp_path):
   check_record(record, "jax")
 
 
+@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
 def test_onnx_export_runs_in_onnxruntime_and_matches_the_model(model, tmp_path):
   errors, extras, record = export_and_run("onnx", model, tmp_path)
   assert max(errors) <= TOLERANCE, errors

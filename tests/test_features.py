@@ -96,6 +96,7 @@ def test_upto_stops_there():
     model.apply(variables, x, method="features", upto="inception3a")
 
 
+@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
 def test_backbone_under_jit_grad_and_vmap():
   """A head on the inception_4e features, trained through the backbone: gradients reach the
   stages that ran (and no others), per-example under vmap as in a batch."""
@@ -123,6 +124,7 @@ def test_backbone_under_jit_grad_and_vmap():
   assert rel_err(per_example, batched) < TOL
 
 
+@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
 def test_readme_feature_maps_snippet_runs():
   import os  # pylint: disable=import-outside-toplevel
   import re  # pylint: disable=import-outside-toplevel

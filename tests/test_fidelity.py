@@ -81,7 +81,7 @@ CLASSIC_RECIPES = {  # no BatchNorm, biases everywhere; no aux heads at 32x32 (s
     "sgd_momentum_step": dict(learning_rate=1e-3, lr_schedule="step", decay_epochs=8,
                               decay_rate=0.96 ** 4),
 }
-FAST = {("torchvision", "sgd_momentum_cosine"), ("classic", "adam")}  # the rest: slow tier
+FAST = {("torchvision", "sgd_momentum_cosine")}  # the rest: slow tier
 
 
 def _config(variant, **overrides):

@@ -140,6 +140,7 @@ def test_dropout_keys_come_from_the_rngs_stream(net):
         X, train=True)
 
 
+@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
 def test_optimizer_steps_match_linen(net, linen_variables):
   steps, tx = 3, optax.sgd(0.05, momentum=0.9)
 

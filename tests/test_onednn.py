@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from googlenet_jax import cpu
 from googlenet_jax.cpu import onednn
 from googlenet_jax.ops import LAX, conv_pads
-from googlenet_jax.models import GoogLeNet
 from helpers import assert_conv_matches_lax, rel_err
 
 

@@ -2,7 +2,6 @@
 models of the user's notes (tests/torch_reference.py), on random weights and random inputs,
 with weights moved by the project's own converters."""
 
-import copy
 
 import chex
 import jax
@@ -146,7 +145,10 @@ def _flat(grads: dict, keys):
   return np.concatenate([np.asarray(grads[k], np.float64).ravel() for k in keys])
 
 
-GRAD_CASES = [("classic", 224), ("torchvision", 128), ("d2l", 96)]
+# (classic, 224) in the fast tier; the others in the slow one.
+GRAD_CASES = [("classic", 224),
+              pytest.param("torchvision", 128, marks=pytest.mark.slow),
+              pytest.param("d2l", 96, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("variant,size", GRAD_CASES)
