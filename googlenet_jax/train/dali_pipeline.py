@@ -191,7 +191,6 @@ def _build(feed: Iterator[tuple], batch_size: int, config, train: bool, device_i
   size = config.image_size
   mean, std = _mean_std(config)
   threads = int(config.get("data_threads", 0) or 0) or os.cpu_count() or 1
-  crop = input_pipeline._inception_crop(config, train)  # pylint: disable=protected-access
   decoder = "mixed" if gpu else "cpu"
 
   @dali.pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -202,12 +201,10 @@ def _build(feed: Iterator[tuple], batch_size: int, config, train: bool, device_i
       data, first, second, mirror, label = fn.external_source(
           source=feed, num_outputs=5, batch=True,
           dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32])
-      if crop:
-        image = fn.decoders.image_slice(data, first, second, device=decoder,
-                                        output_type=types.RGB, normalized_anchor=False,
-                                        normalized_shape=False, axis_names="HW")
-      else:
-        image = fn.decoders.image(data, device=decoder, output_type=types.RGB)
+      # The crop window (without inception_crop: the whole image).
+      image = fn.decoders.image_slice(data, first, second, device=decoder,
+                                      output_type=types.RGB, normalized_anchor=False,
+                                      normalized_shape=False, axis_names="HW")
       image = fn.resize(image, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                         antialias=True, dtype=types.FLOAT)
       extra = ()
