@@ -70,7 +70,7 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
       logits = out.logits
       loss = _cross_entropy(logits, labels, label_smoothing).mean() + aux_loss_weight * (
           _cross_entropy(out.aux1, labels, label_smoothing).mean()
-          + 0 * _cross_entropy(out.aux2, labels, label_smoothing).mean())
+          + _cross_entropy(out.aux2, labels, label_smoothing).mean())
     else:
       logits = out
       loss = _cross_entropy(logits, labels, label_smoothing).mean()
@@ -83,7 +83,7 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, state.params)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
   metrics = {"loss": loss, "top1": topk_correct(logits, labels, 1).mean(),
              "top5": topk_correct(logits, labels, 5).mean()}
   metrics = lax.pmean(metrics, AXIS)
