@@ -152,7 +152,10 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
         "signal" if forced in ("SIGTERM", "SIGINT") else forced) or rng.choice(
             ["startup", "training", "training", "save", "save", "save", "signal", "signal"])
     started, delay = time.time(), rng.uniform(0.0, 1.0)
-    target = rng.randint(expect + 1, STEPS - 1) if expect < STEPS - 1 else STEPS
+    # A step the run logs before its last logging interval (a kill after the last one would
+    # find the run finished); a forced kill soon after the resume, leaving room for the next.
+    last = min(expect + 6, STEPS - 3) if forced else STEPS - 3
+    target = rng.randint(expect + 1, last) if expect < last else STEPS
     kill_sent, reached = None, None
     while proc.poll() is None:
       now = time.time()
