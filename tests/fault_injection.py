@@ -109,10 +109,10 @@ def _identical(a, b) -> bool:
 
 
 def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
-        verbose: bool = True, first: tuple[str, ...] = ()) -> dict:
-  """Returns {"tried", "survived", "modes", "starts", "identical", "failures", ...}. `first`:
-  the kinds of the first kills ("startup", "training", "save", "SIGTERM", "SIGINT"), the rest
-  drawn at random."""
+        verbose: bool = True, first_kills: tuple[str, ...] = ()) -> dict:
+  """Returns {"tried", "survived", "modes", "starts", "identical", "failures", ...}.
+  `first_kills`: the kinds of the first kills ("startup", "training", "save", "SIGTERM",
+  "SIGINT"); the rest are drawn at random."""
   t_start = time.time()
   rng = random.Random(seed)
   root = workdir or tempfile.mkdtemp(prefix="fault_injection_")
@@ -147,7 +147,7 @@ def run(kills: int, seed: int, max_seconds: float, workdir: str | None = None,
     before, stale = _complete_steps(killed), _saving(killed)  # (stale: left by a kill)
     proc = _start(killed, data_dir, log_path)
     out_of_budget = tried >= kills or time.time() - t_start > max_seconds
-    forced = first[tried] if tried < len(first) else None
+    forced = first_kills[tried] if tried < len(first_kills) else None
     mode = None if out_of_budget or expect >= STEPS else (
         "signal" if forced in ("SIGTERM", "SIGINT") else forced) or rng.choice(
             ["startup", "training", "training", "save", "save", "save", "signal", "signal"])

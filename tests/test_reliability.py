@@ -488,9 +488,9 @@ def test_fault_injection_every_kill_resumes_to_identical_parameters(tmp_path):
   import fault_injection  # pylint: disable=import-outside-toplevel
   # (Up to 3 kills, none started after 420 s: about 4 min on 2 free cores, more when busy.)
   result = fault_injection.run(kills=3, seed=1, max_seconds=420, workdir=str(tmp_path),
-                               first=("SIGTERM", "SIGINT"))
+                               first_kills=("SIGTERM", "SIGINT"))
   print(json.dumps(result))
   assert not result["failures"], result
-  assert result["modes"].get("SIGTERM") == 1 and result["modes"].get("SIGINT", 0) >= 1, result
+  assert result["modes"].get("SIGTERM", 0) >= 1 and result["modes"].get("SIGINT", 0) >= 1, result
   assert result["tried"] >= 1 and result["survived"] == result["tried"], result
   assert result["identical"] and result["metrics_identical"] and result["best_identical"]
