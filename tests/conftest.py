@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
 
-import jax  # noqa: E402
+import jax  # noqa: E402,F401
 
 from googlenet_jax.tools import cli  # noqa: E402
 

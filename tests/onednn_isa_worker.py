@@ -78,8 +78,14 @@ def passes(path):
 # One SGD step: the update is the gradient (times the rate), and at this rate it is ~1e-3 of
 # the parameters, so float32 parameters resolve it to ~1e-4 (see steps()).
 STEP_LR = 0.01
-UPDATE_RTOL = 5e-3
-TENSOR_UPDATE_RTOL = 5e-2
+# Bounds on the step's update, over all parameters and per tensor. Measured on an AVX-512 host
+# (oneDNN against XLA's kernels): classic (no BatchNorm) 3.5e-7 to 5.8e-5 overall, 2.7e-6 per
+# tensor at worst; torchvision, whose BatchNorm on batch statistics amplifies float32 rounding
+# (PyTorch's own float32 gradients are ~5e-3 from float64 here, tests/test_parity_torch.py),
+# 1.1e-3 / 5.1e-3 overall and 5.0e-3 / 9.1e-3 per tensor (8 devices / 1). A wrong gradient of
+# one convolution moves its tensor's update by O(1).
+UPDATE_RTOL = {"classic": 1e-3, "torchvision": 2e-2}
+TENSOR_UPDATE_RTOL = {"classic": 1e-2, "torchvision": 1e-1}
 
 
 def _train(layout, mode, devices, batch, use_onednn):
@@ -130,13 +136,12 @@ def steps(layout, mode, devices):
             "tensors_moved": len(leaf_errors),
             "update_to_params": float(np.linalg.norm(ref_update) / np.linalg.norm(flat(init)))}
   # oneDNN and XLA sum each convolution in another order (~1e-6 relative per pass): the loss
-  # agrees to ~1e-6, the update to ~1e-4 (BatchNorm on 2-image device batches amplifies
-  # rounding to ~1e-3 of it), each tensor's update to a few times that.
+  # agrees to ~1e-6; the update as measured above.
   assert np.isfinite(loss) and report["loss_rel_err"] < 1e-4, report
   assert report["update_to_params"] > 1e-3, report  # resolved by float32 parameters
   assert report["tensors_moved"] == len(jax.tree.leaves(init)), report
-  assert report["update_rel_err"] < UPDATE_RTOL, report
-  assert report["worst_tensor_update_rel_err"] < TENSOR_UPDATE_RTOL, report
+  assert report["update_rel_err"] < UPDATE_RTOL[layout], report
+  assert report["worst_tensor_update_rel_err"] < TENSOR_UPDATE_RTOL[layout], report
   return report
 
 
