@@ -23,6 +23,10 @@ cores each pipeline needs for 5,000 img/s (a modern GPU's GoogLeNet training rat
 pipeline_eval_img_s_per_core (folder), tfds_train_img_s_per_core, tfds_eval_img_s_per_core,
 torch_loader_train_img_s_per_core, torch_loader_eval_img_s_per_core, train_ratio_per_core,
 eval_ratio_per_core (project folder / torchvision), plus every measurement under "runs".
+The DALI pipeline (`config.data_loader="dali"`, CPU operators here) on the same folder:
+dali_train_img_s_per_core, dali_eval_img_s_per_core, dali_train_ratio_per_core and
+dali_eval_ratio_per_core (DALI / the tf.data folder pipeline), and dali_{train,eval}_mean_abs_diff
+/ _max_abs_diff: DALI's first batch against tf.data's (the same examples, windows and flips).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from torchvision import transforms  # noqa: E402
 
 import jpeg_set  # noqa: E402  (registers the TFDS dataset)
 from configs import imagenet_torchvision  # noqa: E402
-from googlenet_jax.train import input_pipeline  # noqa: E402
+from googlenet_jax.train import dali_pipeline, input_pipeline  # noqa: E402
 
 TARGET_IMG_S = 5000
 MEAN, STD = input_pipeline.MEANS["imagenet"], input_pipeline.STDS["imagenet"]
@@ -64,7 +68,7 @@ def parse_args(argv=None):
   p.add_argument("--images", type=int, default=1280, help="images timed per measurement")
   p.add_argument("--warmup", type=int, default=3, help="batches before the timing starts")
   p.add_argument("--rounds", type=int, default=2)
-  p.add_argument("--only", default="folder,tfds,torch", help="pipelines to time")
+  p.add_argument("--only", default="folder,tfds,dali,torch", help="pipelines to time")
   p.add_argument("--json", default="")
   return p.parse_args(argv)
 
@@ -116,15 +120,24 @@ def project_config(args, threads: int, dataset: str, data_dir: str = ""):
   return config
 
 
-def project_batches(config, train: bool):
+def project_batches(config, train: bool, loader=input_pipeline):
   source = input_pipeline.open_source(config)
   if train:
-    for batch in input_pipeline.train_batches(source, config, 0, config.num_train_steps):
+    for batch in loader.train_batches(source, config, 0, config.num_train_steps):
       yield batch, len(batch["label"])
   else:
     while True:  # passes over the validation split
-      for batch in input_pipeline.eval_batches(source, config):
+      for batch in loader.eval_batches(source, config):
         yield batch, int(batch["mask"].sum())
+
+
+def batch_differences(args, train: bool) -> tuple[float, float]:
+  """Mean and max |DALI - tf.data| over the first batch of the folder pipeline."""
+  config = project_config(args, 0, f"folder:{args.root}")
+  tf_batch = next(project_batches(config, train))[0]["image"]
+  dali_batch = next(project_batches(config, train, dali_pipeline))[0]["image"]
+  diff = abs(dali_batch.astype("float64") - tf_batch.astype("float64"))
+  return float(diff.mean()), float(diff.max())
 
 
 def torch_batches(args, threads: int, train: bool):
@@ -153,6 +166,8 @@ def pipelines(args):
       "folder": lambda n, train: project_batches(project_config(args, n, folder), train),
       "tfds": lambda n, train: project_batches(
           project_config(args, n, "jpeg_benchmark_set", tfds_dir), train),
+      "dali": lambda n, train: project_batches(project_config(args, n, folder), train,
+                                               dali_pipeline),
       "torch": lambda n, train: torch_batches(args, n, train),
   }
   return {k: named[k] for k in args.only.split(",")}
@@ -186,7 +201,7 @@ def run(args) -> dict:
   res = {"set": manifest, "threads": counts, "batch": args.batch, "size": args.size,
          "cpu_count": os.cpu_count(), "runs": median}
   top = max(counts)
-  prefix = {"folder": "pipeline", "tfds": "tfds", "torch": "torch_loader"}
+  prefix = {"folder": "pipeline", "tfds": "tfds", "dali": "dali", "torch": "torch_loader"}
   for name in args.only.split(","):
     for mode in ("train", "eval"):
       per_core = median[f"{name}_{mode}_{top}"]["img_s_per_core"]
@@ -196,6 +211,12 @@ def run(args) -> dict:
     for mode in ("train", "eval"):
       res[f"{mode}_ratio_per_core"] = (res[f"pipeline_{mode}_img_s_per_core"]
                                        / res[f"torch_loader_{mode}_img_s_per_core"])
+  if "folder" in args.only and "dali" in args.only:
+    for mode in ("train", "eval"):
+      res[f"dali_{mode}_ratio_per_core"] = (res[f"dali_{mode}_img_s_per_core"]
+                                            / res[f"pipeline_{mode}_img_s_per_core"])
+      res[f"dali_{mode}_mean_abs_diff"], res[f"dali_{mode}_max_abs_diff"] = batch_differences(
+          args, mode == "train")
   return res
 
 
@@ -215,6 +236,11 @@ def report(res: dict) -> str:
     if f"{mode}_ratio_per_core" in res:
       lines.append(f"{mode}: project folder / torchvision per core = "
                    f"{res[f'{mode}_ratio_per_core']:.2f}x")
+    if f"dali_{mode}_ratio_per_core" in res:
+      lines.append(f"{mode}: DALI / tf.data folder per core = "
+                   f"{res[f'dali_{mode}_ratio_per_core']:.2f}x; |DALI - tf.data| mean "
+                   f"{res[f'dali_{mode}_mean_abs_diff']:.4f}, max "
+                   f"{res[f'dali_{mode}_max_abs_diff']:.4f}")
   return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """benchmarks/jpeg_set.py and benchmarks/pipeline.py: the generated set is ImageNet-like and
 reproducible, its TFDS records hold the files' bytes, and a tiny side-by-side run writes every
-per-core key for the project's pipelines and torchvision's DataLoader."""
+per-core key for the project's pipelines (tf.data and DALI) and torchvision's DataLoader."""
 
 import glob
 import json
@@ -58,9 +58,14 @@ def test_tiny_side_by_side_run_writes_every_key(tmp_path):
   for key in ("pipeline_train_img_s_per_core", "pipeline_eval_img_s_per_core",
               "tfds_train_img_s_per_core", "tfds_eval_img_s_per_core",
               "torch_loader_train_img_s_per_core", "torch_loader_eval_img_s_per_core",
-              "train_ratio_per_core", "eval_ratio_per_core"):
+              "train_ratio_per_core", "eval_ratio_per_core",
+              "dali_train_img_s_per_core", "dali_eval_img_s_per_core",
+              "dali_train_ratio_per_core", "dali_eval_ratio_per_core"):
     assert isinstance(res[key], float) and np.isfinite(res[key]) and res[key] > 0, key
-  for name in ("folder", "tfds", "torch"):
+  for mode in ("train", "eval"):  # DALI's batches are tf.data's within the decoders' rounding
+    assert 0 < res[f"dali_{mode}_mean_abs_diff"] < 0.05, res
+    assert res[f"dali_{mode}_mean_abs_diff"] <= res[f"dali_{mode}_max_abs_diff"] < 0.5, res
+  for name in ("folder", "tfds", "dali", "torch"):
     for mode in ("train", "eval"):
       run = res["runs"][f"{name}_{mode}_1"]
       # Per core is images per CPU-second of the pipeline's own processes: a pipeline that
