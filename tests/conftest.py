@@ -37,7 +37,7 @@ FAST_SECONDS = {
 }
 SLOW_SECONDS = {
     "test_multihost.py": 960, "test_reliability.py": 900, "test_onednn_isa.py": 420,
-    "test_end_to_end.py": 360, "test_checkpoints.py": 300, "test_fidelity.py": 240,
+    "test_end_to_end.py": 420, "test_checkpoints.py": 300, "test_fidelity.py": 240,
     "test_benchmark.py": 200, "test_readme.py": 180, "test_cli.py": 90, "test_training.py": 120,
     "test_fast_ops.py": 60, "test_export.py": 60, "test_nnx.py": 60, "test_compile_time.py": 40,
 }

@@ -24,6 +24,7 @@ def _train(workdir, *overrides, timeout=900):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
 def test_default_config_on_a_small_slice(tmp_path):
   run = _train(tmp_path, "--config.num_train_steps=4", "--config.log_every_steps=2",
                "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",

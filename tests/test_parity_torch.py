@@ -51,9 +51,11 @@ def random_images(variant, size, batch=2, seed=1, dtype=np.float32):
   return np.random.RandomState(seed).randn(batch, channels, size, size).astype(dtype)
 
 
-EVAL_CASES = [("torchvision", 224), ("torchvision", 160), ("torchvision", 193),
-              ("classic", 224), ("classic", 160), ("classic", 193),
-              ("d2l", 96), ("d2l", 64), ("d2l", 97)]
+# The default size and an odd one in the fast tier; another size in the slow one.
+EVAL_CASES = [("torchvision", 224), pytest.param("torchvision", 160, marks=pytest.mark.slow),
+              ("torchvision", 193), ("classic", 224),
+              pytest.param("classic", 160, marks=pytest.mark.slow), ("classic", 193),
+              ("d2l", 96), pytest.param("d2l", 64, marks=pytest.mark.slow), ("d2l", 97)]
 
 
 @pytest.mark.parametrize("variant,size", EVAL_CASES)
