@@ -65,9 +65,6 @@ from googlenet_jax.train.parallel import Parallel  # noqa: E402
 from googlenet_jax.train.state import create_model, create_optimizer, create_train_state  # noqa: E402
 from googlenet_jax.train.steps import step_functions  # noqa: E402
 
-ROWS = ("jax_train", "jax_infer", "torch_eager_train", "torch_eager_infer",
-        "torch_compile_train", "torch_compile_infer")
-PIPELINE_ROWS = ("pipeline_tfdata", "pipeline_dali", "train_py_tfdata", "train_py_dali")
 FULL = dict(batches=(128, 256), size=224, reps=5, iters=5, warmup=2, train_images=1000,
             val_images=200, pipeline_images=1024, pipeline_batch=128, train_steps=200,
             train_batch=256, log_every=50, torch_compile_backend="inductor")
