@@ -232,9 +232,6 @@ def torch_rows(batch: int, compiled: bool, p: dict) -> list[dict]:
     if mode == "train":
       row["loss"] = state["loss"]
     rows.append(row)
-  del net, model, opt
-  if cuda:
-    torch.cuda.empty_cache()
   return rows
 
 
@@ -354,6 +351,8 @@ def run(args) -> dict:
       log(f"PyTorch {'torch.compile' if compiled else 'eager'}, batch {batch}")
       try:
         res["rows"] += torch_rows(batch, compiled, p)
+        if torch.cuda.is_available():
+          torch.cuda.empty_cache()  # the row's model and activations are gone by now
       except Exception as e:  # pylint: disable=broad-except
         kind = "torch_compile" if compiled else "torch_eager"
         res["rows"] += [unavailable(f"{kind}_{m}", batch, torch_device(), e)
