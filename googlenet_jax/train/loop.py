@@ -22,7 +22,7 @@ from googlenet_jax.train.metrics import MetricWriter
 from googlenet_jax.train.parallel import Parallel
 from googlenet_jax.train.state import (create_model, create_optimizer,
                                        create_train_state, initialise_from)
-from googlenet_jax.train.steps import eval_step, train_step
+from googlenet_jax.train.steps import step_functions
 
 log = logging.getLogger("googlenet_jax")
 
@@ -197,15 +197,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
                  config.variant, source.name, num_steps, per_epoch, jax.device_count(),
                  config.parallel, start_step)
 
-  step_fn = functools.partial(train_step, model=model, tx=tx,
-                              aux_loss_weight=config.aux_loss_weight,
-                              ema_decay=config.get("ema_decay", 0.0),
-                              label_smoothing=config.get("label_smoothing", 0.0),
-                              skip_nonfinite=config.get("skip_nonfinite_steps", 0) > 0)
+  step_fn, eval_fn = step_functions(config, model, tx)
   guard = _NonFiniteGuard(config.get("skip_nonfinite_steps", 0), ckpt)
   p_train = parallel.compile(step_fn, donate_state=True)
-  p_eval = parallel.compile(functools.partial(eval_step, model=model,
-                                              use_ema=config.get("eval_with_ema", False)))
+  p_eval = parallel.compile(eval_fn)
   batches = parallel.prefetch(
       loader(config).train_batches(source, config, start_step, num_steps,
                                    jax.process_index(), jax.process_count()),
