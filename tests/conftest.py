@@ -42,7 +42,7 @@ SLOW_SECONDS = {
     "test_compile_time.py": 150, "test_training.py": 170, "test_parity_torch.py": 110,
     "test_gpu_benchmark.py": 105, "test_cli.py": 90, "test_features.py": 70,
     "test_train_step.py": 70, "test_boundaries.py": 60, "test_fast_ops.py": 55,
-    "test_export.py": 95,
+    "test_export.py": 95, "test_dali.py": 80,
 }
 
 
