@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   # means something else in the other form.
   config.rmsprop_style = "pytorch"
   # Cosine decay to 0 over the run: with a constant rate the last evaluations swing with the
-  # kernels' rounding (AVX2 host, oneDNN: 95.5%, 90.5%, 94.7% over the last three epochs);
-  # decayed, the run settles (98.1% there).
+  # kernels' rounding; decayed, the run settles (benchmarks/NOTES.md, "The digits recipe's
+  # learning-rate schedule").
   config.lr_schedule = "cosine"
   config.warmup_epochs = 0.0
   # The warm-up ramps from warmup_start_factor * learning_rate (PyTorch's LinearLR

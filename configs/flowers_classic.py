@@ -1,6 +1,7 @@
-"""The classic recipe (seed 004 train.py): a folder of class subfolders (flower_photos, 5
-classes, 10% held out), Adam 3e-4, batch 32, 30 epochs, RandomResizedCrop(224) + flip,
-normalised with mean 0.5 / std 0.5, eval resizes to 224x224, keeps the best-accuracy weights.
+"""The classic recipe (the training script of the reference PyTorch implementation of the
+classic layout): a folder of class subfolders (flower_photos, 5 classes, 10% held out), Adam
+3e-4, batch 32, 30 epochs, RandomResizedCrop(224) + flip, normalised with mean 0.5 / std 0.5,
+eval resizes to 224x224, keeps the best-accuracy weights.
 
   python train.py --config configs/flowers_classic.py --config.dataset=folder:/data/flower_photos
 """

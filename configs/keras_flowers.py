@@ -1,5 +1,6 @@
-"""The Keras recipe (seed 000): the keras layout on a folder of flowers, inputs scaled to
-[-1, 1], Adam 3e-4, batch 32, 30 epochs, aux loss weight 0.3."""
+"""The Keras recipe (that of the reference TF2/Keras model of the keras layout): the keras
+layout on a folder of flowers, inputs scaled to [-1, 1], Adam 3e-4, batch 32, 30 epochs, aux
+loss weight 0.3."""
 
 from configs import flowers_classic
 

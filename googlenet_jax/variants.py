@@ -112,7 +112,7 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    # PyTorch course model (seeds 000/004).
+    # The reference PyTorch implementation of the classic layout (a PyTorch course model).
     "classic": Layout("classic"),
     # Szegedy et al. 2014 / Caffe bvlc_googlenet.
     "paper": Layout(
@@ -123,11 +123,11 @@ LAYOUTS: dict[str, Layout] = {
         "torchvision", batch_norm=True, maxpool4_window=2, conv_5x5_kernel=3,
         aux_pool="adaptive4", aux_dropout_before_fc1=False, aux_dropout=0.7, dropout=0.2,
         init="torchvision"),
-    # Dive into Deep Learning section 7.4 (seeds 001/003): Fashion-MNIST, 1 channel, 96x96.
+    # Dive into Deep Learning section 7.4: Fashion-MNIST, 1 channel, 96x96.
     "d2l": Layout(
         "d2l", in_channels=1, pool="floor_pad1", aux_logits=False, dropout=0.0, init="xavier",
         torch_names="sequential", default_size=96),
-    # TF2/Keras model (seed 000).
+    # The reference TF2/Keras model of this layout ('same' padding and pools).
     "keras": Layout(
         "keras", same_padding=True, pool="same", head_pool="avg7", init="glorot", torch_names=None),
 }

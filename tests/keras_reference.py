@@ -1,7 +1,9 @@
-"""A Keras 3 model of the TF2 layout in the user's notes (seed 000), for parity tests.
+"""A Keras 3 model of the keras layout, after the reference TF2/Keras model of that layout, for
+parity tests.
 
-Layer names are the seed's (conv2d_1.., inception_3a.., aux_1, aux_2, output_dense); the model
-outputs softmax probabilities, as the seed's does: [aux_1, aux_2, main] with aux heads.
+Layer names are the reference model's (conv2d_1.., inception_3a.., aux_1, aux_2, output_dense);
+the model outputs softmax probabilities, as the reference model does: [aux_1, aux_2, main] with
+aux heads.
 """
 
 import os

@@ -1,6 +1,7 @@
 """Parity with real PyTorch models: torchvision's googlenet itself, and the classic and d2l
-models of the user's notes (tests/torch_reference.py), on random weights and random inputs,
-with weights moved by the project's own converters."""
+models written after the reference PyTorch implementations of those layouts
+(tests/torch_reference.py), on random weights and random inputs, with weights moved by the
+project's own converters."""
 
 
 import chex

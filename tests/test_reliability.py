@@ -1,4 +1,4 @@
-"""Reliability (issue #6): bad input, faults and interruptions never lose work or end in a
+"""Reliability: bad input, faults and interruptions never lose work or end in a
 traceback wall. Model-input and converter errors are tested in test_model.py, config errors in
 test_training.py / test_end_to_end.py; this file covers the rest (see the README)."""
 

@@ -1,5 +1,6 @@
-"""PyTorch models of the classic and d2l layouts, written from the user's notes (shared/seeds)
-and shared/reference/googlenet.md, for parity tests. State_dict names are the originals'."""
+"""PyTorch models of the classic and d2l layouts, written after the reference PyTorch
+implementations of those layouts (a PyTorch course model; Dive into Deep Learning section 7.4),
+for parity tests. State_dict names are the reference implementations'."""
 
 import torch
 from torch import nn
@@ -56,7 +57,8 @@ class ClassicAux(nn.Module):
 
 
 class ClassicGoogLeNet(nn.Module):
-  """The PyTorch course model (seeds 000/004). Train mode returns (logits, aux2, aux1)."""
+  """The PyTorch course model (the reference implementation of the classic layout). Train mode
+  returns (logits, aux2, aux1)."""
 
   def __init__(self, num_classes=1000, aux_logits=True, dropout=0.4, aux_dropout=0.5):
     super().__init__()

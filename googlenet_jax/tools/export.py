@@ -12,9 +12,9 @@ batch size, to float32 logits (batch, num_classes):
   jax         `jax.export` serialized bytes (symbolic batch dimension "b"); load with
               `jax.export.deserialize(bytes).call(images)`. Lowered for --platforms (cpu).
   onnx        an ONNX model (input "images", output "logits", batch dimension "batch") that
-              onnxruntime runs. Made by jax2onnx straight from the JAX function. The other
-              route, jax2tf + tf2onnx, no longer works: jax2tf only has native serialization
-              now, so its graph is one XlaCallModule op, which tf2onnx cannot convert.
+              onnxruntime runs. Made by jax2onnx straight from the JAX function, not by
+              jax2tf + tf2onnx: jax2tf has only native serialization, so its graph is one
+              XlaCallModule op, which tf2onnx cannot convert.
               jax2onnx is kept below 0.13 (0.13+ requires orbax-checkpoint<0.11.37, below this
               package's). Its generic lax.reduce_window_max lowering makes a 4-D MaxPool that
               onnxruntime refuses, so the max pools are exported as an explicit -inf pad plus

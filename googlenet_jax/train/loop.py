@@ -137,7 +137,7 @@ def _one_run_per_workdir(train: Callable) -> Callable:
 def _optimizer_as_saved(ckpt, tx, config, per_epoch, num_steps, model, image_shape):
   """`tx`, or the same optimiser with its state in the other form (flat or per-parameter,
   `flat_optimizer_state`) if that is what the workdir's newest checkpoint holds: a run resumes
-  in the form it was started with (runs from before the flat state existed included)."""
+  in the form it was started with (per-parameter checkpoints included)."""
   saved = ckpt.newest_leaf_paths()
   if not saved:
     return tx
