@@ -11,7 +11,7 @@
 // sized on the thread that *creates* a primitive, while XLA runs a custom call on whichever of
 // its threads is free: executed elsewhere, a primitive that needs a scratchpad (the im2col
 // buffer of the gemm-based weight gradient) writes through another thread's smaller or null
-// buffer. See benchmarks/NOTES.md, "Session 9".
+// buffer. See benchmarks/NOTES.md, "The crash on AVX2 hosts: root cause, fix, check".
 //
 // The window attribute is {stride_h, stride_w, pad_top, pad_left}; the bottom/right padding
 // oneDNN needs is implied by the shapes (the part of XLA's padding that a window reaches).
