@@ -5,17 +5,28 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
 
-.PHONY: train test test-slow test-all venv clean
+.PHONY: train test test-slow test-all venv venv-train clean
 
+# One marker file per install: `make test` installs the `test` extra (everything the suite
+# imports), `make train` only what train.py's default run needs (`train`, and `cpu` for the
+# oneDNN convolutions it uses on CPU). Into the same .venv: a second install only adds.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-train: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[train,cpu]"
+	touch $@
+
 venv: $(VENV)/.installed
 
-train: venv
+venv-train: $(VENV)/.installed-train
+
+train: venv-train
 	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; each file stays in one of them, so
