@@ -1,6 +1,8 @@
-"""Every shell command in README.md is run here or listed with the test that exercises it, so
-the README cannot rot: adding a command to the README without registering it below fails."""
+"""Every shell command in README.md and docs/*.md is run here or listed with the test that
+exercises it, and every Python snippet there is executed, so the pages cannot rot: adding a
+command without registering it below fails, and so does a snippet that no longer runs."""
 
+import glob
 import os
 import re
 import shlex
@@ -17,6 +19,8 @@ from helpers import init_variables, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+# The pages whose commands and snippets are checked: the README, then docs/ by name.
+PAGES = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 class Run:
@@ -40,8 +44,24 @@ TINY_TRAIN = ("--config.image_size=32", "--config.batch_size=16", "--config.num_
               "--config.log_every_steps=2", "--config.eval_every_steps=4",
               "--config.eval_batch_size=64", "--config.progress_bar=false")
 
-# README command -> how it is exercised.
+INSTALLS = ("installs from the package index; the extras are pyproject.toml's, installed by "
+            "`make test` (`test`) and `make train` (`train`, `cpu`) in CI's fresh clone")
+
+# Command in README.md or docs/*.md -> how it is exercised.
 COMMANDS = {
+    "pip install .": Elsewhere("a clean venv with the core install, checked to hold no extra",
+                               "tests/core_install_check.sh", ".ci/run"),
+    "pip install '.[train,cpu]'": Elsewhere(INSTALLS, "pyproject.toml", "Makefile"),
+    "pip install '.[train,gpu]'": Elsewhere(
+        INSTALLS + "; needs a GPU to be of use", "pyproject.toml",
+        "tests/test_accelerator.py"),
+    "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
+        Elsewhere("PyTorch's own CPU wheel index; the versions are the `test` extra's",
+                  "pyproject.toml"),
+    "pip install '.[convert]'": Elsewhere(INSTALLS, "pyproject.toml", "Makefile"),
+    "python tests/fault_injection.py --kills 8 --seed 1 --max-seconds 1500": Elsewhere(
+        "kills and restarts a run 8 times (~12 minutes); the slow test runs it with 3 kills",
+        "tests/test_reliability.py::test_fault_injection_every_kill_resumes_to_identical_parameters"),
     "make train": Elsewhere(
         "trains for minutes; the same train.py command is run to >= 95% by the slow test",
         "tests/test_end_to_end.py::test_default_run_reaches_95_percent", "Makefile"),
@@ -107,9 +127,9 @@ COMMANDS = {
 }
 
 
-def readme_commands() -> list[str]:
-  """Commands in the README's ```sh blocks: comments dropped, continuation lines joined."""
-  text = open(README).read()
+def page_commands(page: str) -> list[str]:
+  """Commands in a page's ```sh blocks: comments dropped, continuation lines joined."""
+  text = open(page).read()
   commands = []
   for block in re.findall(r"```sh\n(.*?)```", text, re.S):
     for line in block.replace("\\\n", " ").splitlines():
@@ -119,15 +139,41 @@ def readme_commands() -> list[str]:
   return commands
 
 
+def readme_commands() -> list[str]:
+  """The commands of README.md and of every docs/*.md page, page by page."""
+  return [c for page in PAGES for c in page_commands(page)]
+
+
 def test_every_readme_command_is_run_or_registered():
+  assert len(PAGES) > 1, "no docs/*.md pages found"
   commands = readme_commands()
-  assert commands, "no ```sh blocks found in README.md"
-  unregistered = [c for c in commands if c not in COMMANDS]
+  assert page_commands(README), "no ```sh blocks found in README.md"
+  unregistered = [(os.path.relpath(p, ROOT), c) for p in PAGES for c in page_commands(p)
+                  if c not in COMMANDS]
   assert not unregistered, (
-      "README commands that no test runs; register them in tests/test_readme.py COMMANDS "
+      "commands that no test runs; register them in tests/test_readme.py COMMANDS "
       f"(Run(...) or Elsewhere(...)): {unregistered}")
   stale = [c for c in COMMANDS if c not in commands]
-  assert not stale, f"registered commands no longer in the README: {stale}"
+  assert not stale, f"registered commands no longer in README.md or docs/: {stale}"
+
+
+def test_links_resolve():
+  """Every relative link of the pages names a file of the checkout (anchors: a heading)."""
+  checked = 0
+  for page in PAGES:
+    text = re.sub(r"```.*?```|`[^`]*`", "", open(page).read(), flags=re.S)  # code is not links
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z]+:", target):
+        continue
+      path, _, anchor = target.partition("#")
+      full = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+      assert os.path.exists(full), (os.path.relpath(page, ROOT), target)
+      if anchor and full.endswith(".md"):
+        slugs = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+                 for h in re.findall(r"^#+ (.*)$", open(full).read(), re.M)}
+        assert anchor in slugs, (os.path.relpath(page, ROOT), target, sorted(slugs))
+      checked += 1
+  assert checked >= 5
 
 
 def test_elsewhere_references_exist():
@@ -233,15 +279,14 @@ def test_readme_commands_run(tmp_path):
 
 
 def test_readme_cpu_kernels_line():
-  """The API section's one line for XLA:CPU's kernels: the same values as the plain network."""
+  """The API page's one line for XLA:CPU's kernels: the same values as the plain network."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from googlenet_jax import GoogLeNet, LAX, cpu  # pylint: disable=import-outside-toplevel
-  blocks = [b for b in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
-            if "ops=cpu.ops()" in b]
+  blocks = [b for _, b in python_snippets() if "ops=cpu.ops()" in b]
   assert len(blocks) == 1
   scope = {"GoogLeNet": GoogLeNet}
-  exec(compile(blocks[0].replace("num_classes=1000", "num_classes=10"), "README.md", "exec"),
+  exec(compile(blocks[0].replace("num_classes=1000", "num_classes=10"), "docs/api.md", "exec"),
        scope)  # pylint: disable=exec-used
   model = scope["model"]
   assert model.ops in (cpu.ONEDNN, cpu.FAST_XLA) and model.ops is not LAX
@@ -250,3 +295,48 @@ def test_readme_cpu_kernels_line():
   fast = jax.jit(model.apply)(variables, x)
   plain = jax.jit(model.clone(ops=LAX).apply)(variables, x)
   assert float(jnp.linalg.norm(fast - plain) / jnp.linalg.norm(plain)) < 1e-4
+
+
+def python_snippets() -> list[tuple[str, str]]:
+  """(page, code) of every ```python block of the pages, in page order."""
+  return [(os.path.relpath(page, ROOT), block) for page in PAGES
+          for block in re.findall(r"```python\n(.*?)```", open(page).read(), re.S)]
+
+
+# Snippets run by another test (a marker in the code -> that test), not by the one below.
+SNIPPETS_ELSEWHERE = {"ops=cpu.ops()": "tests/test_readme.py::test_readme_cpu_kernels_line"}
+
+
+@pytest.mark.slow
+def test_python_snippets_run_as_written(tmp_path, monkeypatch, capsys):
+  """Every Python snippet of README.md and docs/*.md, as written, in one process (so the
+  224-px network's compiles are shared), the snippets of a page in order in one namespace (a
+  snippet goes on from the ones above it), in an empty working directory. A snippet that needs
+  a file makes it (the torchvision weights' stand-in: a random-weight state_dict of the same
+  format)."""
+  for marker, where in SNIPPETS_ELSEWHERE.items():
+    path, _, test = where.partition("::")
+    assert f"def {test}(" in open(os.path.join(ROOT, path)).read(), (marker, where)
+  monkeypatch.chdir(tmp_path)
+  torch.manual_seed(0)
+  snippets = python_snippets()
+  assert snippets, "no ```python blocks found"
+  scopes = {}
+  for page, code in snippets:
+    if any(marker in code for marker in SNIPPETS_ELSEWHERE):
+      continue
+    scope = scopes.setdefault(page, {})
+    try:
+      exec(compile(code, page, "exec"), scope)  # pylint: disable=exec-used
+    except Exception as e:  # pylint: disable=broad-except
+      raise AssertionError(f"{page}: this snippet fails:\n{code}") from e
+  printed = capsys.readouterr().out
+  api = scopes["docs/api.md"]
+  out = api["out"]
+  assert out.logits.shape == out.aux1.shape == out.aux2.shape == (2, 1000)
+  assert "(2, 1000) (2, 1000) (2, 1000)" in printed, printed
+  assert list(api["feats"])[-1] == "inception_4e" and "(2, 14, 14, 832)" in printed, printed
+  assert list(api["feats"]) == list(api["feature_names"]("torchvision")[:13])
+  assert api["reinitialised"] == ["aux_after_4a/fc2", "aux_after_4d/fc2", "classifier"]
+  assert np.isfinite(float(api["loss"])) and api["predictions"].shape == (4,)
+  assert api["tuned"]["params"]["classifier"]["kernel"].shape == (1024, 5)
