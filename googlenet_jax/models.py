@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -24,11 +27,18 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class GoogLeNetOutputs(NamedTuple):
-  """Train-mode outputs. `aux1` is the head after inception 4a, `aux2` the one after 4d.
-  (torchvision's namedtuple orders them (logits, aux_logits2, aux_logits1).)"""
+  """What `GoogLeNet` returns in train mode (`train=True`), with or without aux heads.
+
+  `logits` is the main classifier's output; `aux1` the auxiliary head after inception 4a,
+  `aux2` the one after inception 4d; both None for a model without aux heads
+  (`aux_logits=False`, or a variant that has none). Eval mode returns the logits array itself.
+
+  The order is (logits, aux1, aux2). torchvision's `GoogLeNetOutputs` is (logits, aux_logits2,
+  aux_logits1): unpacking the two positionally swaps the heads, so use the names.
+  """
   logits: jax.Array
-  aux1: jax.Array
-  aux2: jax.Array
+  aux1: Optional[jax.Array]
+  aux2: Optional[jax.Array]
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +241,10 @@ class GoogLeNet(nn.Module):
       raise ValueError(f"{desc} expects NHWC images of rank 4 (batch, height, width, "
                        f"{layout.in_channels}), got {'shape ' + str(tuple(shape)) if shape is not None else type(x).__name__}")
     if shape[-1] != layout.in_channels:
+      fix = ("; if it is NCHW, transpose it: x.transpose(0, 2, 3, 1)"
+             if shape[1] == layout.in_channels else "")
       raise ValueError(f"{desc} expects {layout.in_channels} input channel(s) in the last (NHWC) "
-                       f"axis, got shape {tuple(shape)}")
+                       f"axis, got shape {tuple(shape)}{fix}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{desc} expects floating-point images, got dtype {x.dtype}; convert "
                        "(and normalise) them first, e.g. x.astype(jnp.float32) / 255")
@@ -262,14 +274,39 @@ class GoogLeNet(nn.Module):
               "its 5x5/3 average pool needs 14-16 pixels to give the 4x4 that fc1 expects. "
               f"Square inputs that fit: {_input_sizes_that(ok, layout)}; or aux_logits=False")
 
+  def _check_variables(self, train: bool) -> None:
+    """Raise a ValueError with the fix when the bound variables do not fit this model: no aux
+    heads for a train-mode pass of a model with them, or a classifier for another number of
+    classes. Shapes only (trace time)."""
+    desc = f"GoogLeNet(variant={self.layout.name!r}, num_classes={self.num_classes})"
+    if not self.has_variable("params", "classifier"):
+      return  # Flax names what is missing
+    kernel = self.variables["params"]["classifier"]["kernel"]
+    classes = jnp.shape(kernel)[-1]
+    if classes != self.num_classes:
+      raise ValueError(
+          f"{desc} was given variables for {classes} classes; build the model with "
+          f"num_classes={classes}, or reuse the trunk for {self.num_classes} classes with "
+          "googlenet_jax.train.model_dir.merge_pretrained(fresh_variables, pretrained)")
+    if train and self.has_aux and not all(self.has_variable("params", name)
+                                          for name in ("aux_after_4a", "aux_after_4d")):
+      raise ValueError(
+          f"{desc} runs its auxiliary heads in train mode, but the variables have no auxiliary "
+          "heads (aux_after_4a, aux_after_4d; e.g. a torchvision state_dict saved with "
+          "aux_logits=False): build the model with aux_logits=False")
+
   def __call__(self, x: jax.Array, train: bool = False,
                deterministic: Optional[bool] = None) -> Any:
+    """Logits in eval mode (`train=False`); `GoogLeNetOutputs` in train mode (`train=True`),
+    with `aux1`/`aux2` None when the model has no aux heads. `deterministic` (default:
+    `not train`) turns dropout off."""
     return self._forward(x, train, deterministic, None)
 
   def features(self, x: jax.Array, train: bool = False, *,
-               upto: str = EMBEDDING) -> dict[str, jax.Array]:
+               upto: str = EMBEDDING) -> collections.OrderedDict[str, jax.Array]:
     """The output of every stage up to `upto`, by name (`feature_names(variant)`: "conv1" ...
-    "inception_5b", "embedding"), in one forward pass that stops there. A backbone:
+    "inception_5b", "embedding"), in one forward pass that stops there. An OrderedDict in
+    network order, which `jax.jit` keeps (it sorts the keys of a plain dict). A backbone:
 
       feats = model.apply(variables, x, method="features", upto="inception_4e")
 
@@ -290,11 +327,13 @@ class GoogLeNet(nn.Module):
     init = INITIALIZERS[layout.init]
     initializing = self.is_initializing()
     self.check_input(x, train and not initializing, upto)
+    if not initializing and upto is None:
+      self._check_variables(train)
     if deterministic is None:
       deterministic = not train
     # `init` creates every parameter, the aux heads included, whatever the mode.
     run_aux = self.has_aux and (train or initializing) and upto is None
-    feats = {}
+    feats = collections.OrderedDict()
     dropout = layout.dropout if self.dropout is None else self.dropout
     aux_dropout = layout.aux_dropout if self.aux_dropout is None else self.aux_dropout
 
@@ -348,9 +387,88 @@ class GoogLeNet(nn.Module):
     logits = nn.Dense(self.num_classes, kernel_init=init.dense_kernel,
                       bias_init=init.classifier_bias(x.shape[-1]), dtype=self.dtype,
                       param_dtype=self.param_dtype, name="classifier")(x)
-    if train and run_aux:
-      return GoogLeNetOutputs(logits, aux["aux_after_4a"], aux["aux_after_4d"])
+    if train:
+      return GoogLeNetOutputs(logits, aux.get("aux_after_4a"), aux.get("aux_after_4d"))
     return logits
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation.
+#
+# Parameter initialisation is ~60 threefry hashes (one per key split and one per random
+# tensor). On CPU, JAX lowers each as a rolled 5-iteration `while` loop, which XLA:CPU compiles
+# into ~13 separate kernels: ~850 kernels and about twice the compile time of the unrolled hash
+# (one fused kernel per call), which JAX emits on GPU/TPU. The bits are the same either way.
+# JAX keeps the rolled form on CPU because it compiles faster inside large programs (the train
+# step's dropout masks), so only the initialisation uses the unrolled one.
+
+_LOWERING_LOCK = threading.RLock()
+
+
+def _threefry_cpu_rules():
+  """(registry, primitive, unrolled rule, mlir), or None where this JAX keeps them elsewhere.
+  These are JAX internals; a JAX that moves them simply gets the default (rolled) lowering."""
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
+    from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
+    registry = mlir._platform_specific_lowerings["cpu"]  # pylint: disable=protected-access
+    primitive = threefry2x32.threefry2x32_p
+    unrolled = threefry2x32._threefry2x32_lowering_rule  # pylint: disable=protected-access
+    if primitive not in registry:
+      return None
+    return registry, primitive, unrolled, mlir
+  except (ImportError, AttributeError, KeyError, TypeError):
+    return None
+
+
+@contextlib.contextmanager
+def unrolled_threefry():
+  """Programs lowered inside this block emit the threefry hash unrolled on CPU (the form JAX
+  uses on GPU/TPU). Only lowering is affected: a program compiled inside and called later
+  keeps its form, and programs lowered outside keep the default.
+
+  The rule is JAX's process-wide registry entry, swapped on entry and restored on exit (on an
+  error too). A lock makes the blocks of different threads take turns (nesting in one thread
+  is fine), so the default is always what is restored; a program another thread lowers while
+  a block is open may get the unrolled form, which computes the same bits."""
+  with _LOWERING_LOCK:
+    found = _threefry_cpu_rules()
+    if found is None:
+      yield
+      return
+    registry, primitive, unrolled, mlir = found
+    saved = registry[primitive]
+    mlir.register_lowering(primitive, unrolled, platform="cpu")
+    try:
+      yield
+    finally:
+      registry[primitive] = saved
+
+
+def unrolled_threefry_available() -> bool:
+  return _threefry_cpu_rules() is not None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> Any:
+  return model.init(rng, jnp.zeros(input_shape))
+
+
+def init_variables(model: nn.Module, rng: Any,
+                   input_shape: tuple[int, ...] = (1, 224, 224, 3)) -> dict:
+  """`model.init(rng, jnp.zeros(input_shape))`, jitted and compiled fast: the variables
+  ({"params"} and, for the layouts with BatchNorm, {"batch_stats"}), bit for bit the same.
+
+  `rng`: a JAX key (`jax.random.key(0)`) or an int seed. `input_shape` only sets the shapes
+  the network is traced at; the parameters' shapes do not depend on it (the aux heads are
+  built whatever the size). On CPU the threefry hash is lowered unrolled for this call
+  (`unrolled_threefry`: about half the compile time of `jax.jit(model.init)`); nothing stays
+  changed afterwards. Compiled once per (model, input_shape) in a process."""
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  with unrolled_threefry():
+    variables = _init(model, rng, tuple(int(n) for n in input_shape))
+  return dict(variables)
 
 
 def probabilities(logits: jax.Array) -> jax.Array:

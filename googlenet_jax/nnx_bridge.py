@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
-from googlenet_jax.models import GoogLeNet
+from googlenet_jax.models import GoogLeNet, init_variables
 
 # The linen collections the network has, and the NNX variable types ToNNX makes of them.
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
@@ -69,7 +69,8 @@ class GoogLeNetNNX(nnx.Module):
   def __call__(self, x: jax.Array, *, train: Optional[bool] = None,
                deterministic: Optional[bool] = None,
                rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> Any:
-    """Logits, or `GoogLeNetOutputs` in train mode with aux heads (as the linen module).
+    """Logits in eval mode, `GoogLeNetOutputs` in train mode (`aux1`/`aux2` None without aux
+    heads), as the linen module.
 
     Without `train` the module's mode applies; `train` / `deterministic` given work as in the
     linen `__call__` (`deterministic` defaults to `not train`). `rngs`: the dropout key for
@@ -112,8 +113,8 @@ def to_nnx(model: GoogLeNet, variables: Optional[Mapping[str, Any]] = None, *,
   """The linen `model` as an NNX module holding `variables` ({"params", "batch_stats"}, as
   `model.init`, `convert.torch_to_flax` or `model_dir.load_for_inference` give them).
 
-  Without `variables` the parameters are `jax.jit(model.init)(rngs["params"](), zeros)`: the
-  linen initialisation, key for key. `rngs` also gives the dropout stream ("dropout", else
+  Without `variables` the parameters are `googlenet_jax.init_variables(model,
+  rngs["params"](), sample_shape)`: the linen initialisation, key for key, compiled fast. `rngs` also gives the dropout stream ("dropout", else
   "default"). `sample_shape` (default: one image of the variant's default size) is the input
   the variables are shaped for (`nnx.bridge.lazy_init` runs on it under `nnx.eval_shape`:
   tracing only). ValueError names any variable missing, unexpected or mis-shaped."""
@@ -127,7 +128,7 @@ def to_nnx(model: GoogLeNet, variables: Optional[Mapping[str, Any]] = None, *,
   if variables is None:
     if rngs is None:
       raise ValueError("to_nnx needs rngs (nnx.Rngs) to initialise the parameters, or variables")
-    variables = jax.jit(model.init)(rngs["params"](), jnp.zeros(sample_shape, jnp.float32))
+    variables = init_variables(model, rngs["params"](), sample_shape)
   net = GoogLeNetNNX(network, rngs)
   load_linen_variables(net, variables)
   return net

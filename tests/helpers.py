@@ -55,16 +55,13 @@ _VARIABLES = {}
 
 
 def init_variables(model, shape, seed=0):
-  """`jax.jit(model.init)(jax.random.key(seed), zeros(shape))`, lowered with the threefry hash
-  unrolled (`cpu.compile_time.unrolled_threefry`: the same bits in about half the compile
-  time), once per process for each (model, shape, seed)."""
+  """`googlenet_jax.init_variables(model, jax.random.key(seed), shape)` (`model.init` on zeros,
+  compiled fast), once per process for each (model, shape, seed)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.cpu import compile_time  # pylint: disable=import-outside-toplevel
+  import googlenet_jax  # pylint: disable=import-outside-toplevel
   key = (repr(model), tuple(shape), seed)
   if key not in _VARIABLES:
-    with compile_time.unrolled_threefry():
-      _VARIABLES[key] = jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape, jnp.float32))
+    _VARIABLES[key] = googlenet_jax.init_variables(model, jax.random.key(seed), shape)
   return _VARIABLES[key]
 
 

@@ -104,3 +104,34 @@ def test_imports_models_init_and_apply_change_nothing_process_wide():
   assert got["config"] == [], got["config"]
   assert got["lowerings_changed"] == [], got["lowerings_changed"]  # (new primitives may add rules)
   assert got["calls"] == [], got["calls"]
+
+
+def test_a_missing_extra_is_named_with_its_install_command():
+  got = _run("""
+      import importlib.metadata, json, sys, warnings
+      sys.modules["ml_collections"] = None  # as if the train extra were not installed
+      try:
+        import googlenet_jax.train
+        train = None
+      except ImportError as e:
+        train = {"message": str(e), "cause": repr(e.__cause__)}
+
+      real = importlib.metadata.distribution
+      def distribution(name):  # as if the cpu extra's oneDNN wheels were not installed
+        if name.startswith("onednn"):
+          raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+      importlib.metadata.distribution = distribution
+      from googlenet_jax import cpu
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops = cpu.ops()
+      print(json.dumps({"train": train, "ops": ops.name,
+                        "warnings": [str(w.message) for w in caught]}))
+      """)
+  assert got["train"] is not None, "googlenet_jax.train imported without ml_collections"
+  assert "install googlenet_jax[train] (pip install 'googlenet_jax[train]')" in got["train"][
+      "message"]
+  assert "ml_collections" in got["train"]["cause"]
+  assert got["ops"] == "cpu-xla"
+  assert any("install googlenet_jax[cpu]" in w for w in got["warnings"]), got["warnings"]

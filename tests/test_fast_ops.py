@@ -196,7 +196,8 @@ def test_network_same_parameters_outputs_and_gradients_on_every_kernel_set():
   variables = init_variables(plain, x.shape)
 
   def loss(params, model):
-    out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    out = model.apply({"params": params}, x, train=True,
+                      rngs={"dropout": jax.random.key(1)}).logits
     return (out * jnp.arange(7.0)).sum(), out
 
   flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])

@@ -78,6 +78,41 @@ def test_train_returns_three_outputs_and_updates_batch_stats(variables):
                          variables["batch_stats"]["conv1"]["bn"]["mean"])
 
 
+def _without_aux_heads(variables):
+  return {c: {k: v for k, v in t.items() if not k.startswith("aux_")}
+          for c, t in variables.items()}
+
+
+def _train_shapes(model, variables, x=X):
+  """The train-mode output of `model` on `variables`, traced only (nothing compiles)."""
+  return jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                 rngs={"dropout": jax.random.key(0)})[0],
+                        variables, x)
+
+
+def test_train_without_aux_heads_returns_outputs_with_none_heads(variables):
+  model = MODEL.clone(aux_logits=False)
+  out = _train_shapes(model, _without_aux_heads(variables))
+  assert isinstance(out, GoogLeNetOutputs)
+  assert out.logits.shape == (2, 7) and out.aux1 is None and out.aux2 is None
+  assert jax.eval_shape(model.apply, _without_aux_heads(variables), X).shape == (2, 7)  # eval
+
+
+def test_variables_without_aux_heads_in_train_mode_say_to_drop_them(variables):
+  with pytest.raises(ValueError, match="no auxiliary heads.*build the model with aux_logits=False"):
+    _train_shapes(MODEL, _without_aux_heads(variables))
+  jax.eval_shape(MODEL.apply, _without_aux_heads(variables), X)  # eval mode needs none
+
+
+def test_variables_for_other_classes_name_both_counts_and_merge_pretrained(variables):
+  model = MODEL.clone(num_classes=10)
+  for apply in (lambda: jax.eval_shape(model.apply, variables, X),
+                lambda: _train_shapes(model, variables)):
+    with pytest.raises(ValueError, match=r"num_classes=10\).*variables for 7 classes.*"
+                                         r"num_classes=7.*model_dir\.merge_pretrained"):
+      apply()
+
+
 def test_deterministic_switches_dropout(variables):
   det = jax.jit(lambda v, x, s: MODEL.apply(v, x, train=True, deterministic=True,
                                             mutable=["batch_stats"],
@@ -100,6 +135,7 @@ def test_bfloat16_compute_keeps_float32_params(variables):
 @pytest.mark.parametrize("x,match", [
     (np.zeros((224, 224, 3), np.float32), "rank 4"),
     (np.zeros((1, 224, 224, 1), np.float32), "3 input channel"),
+    (np.zeros((1, 3, 224, 224), np.float32), r"NCHW, transpose it: x\.transpose\(0, 2, 3, 1\)"),
     (np.zeros((1, 224, 224, 3), np.uint8), "floating-point"),
     (np.zeros((1, 16, 16, 3), np.float32), "too small"),
 ])

@@ -18,7 +18,9 @@ import torch
 import torchvision
 from flax import nnx
 
-from googlenet_jax import GoogLeNet, GoogLeNetOutputs, nnx_bridge
+import googlenet_jax
+from googlenet_jax import GoogLeNet, GoogLeNetOutputs, models, nnx_bridge
+from jax._src.interpreters import mlir
 from googlenet_jax.convert import torch_to_flax
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -47,10 +49,22 @@ def linen_variables():
   return jax.jit(MODEL.init)(nnx.Rngs(params=0).params(), X)
 
 
+INIT_CALLS = []
+
+
 @pytest.fixture(scope="module")
-def net0(linen_variables):
-  del linen_variables  # compiled first: to_nnx's init is the same program
-  return nnx_bridge.to_nnx(MODEL, rngs=nnx.Rngs(params=0, dropout=1), sample_shape=X.shape)
+def net0():
+  real = nnx_bridge.init_variables  # to_nnx initialises through the fast jitted init
+
+  def recorded(*args):
+    INIT_CALLS.append(args)
+    return real(*args)
+
+  nnx_bridge.init_variables = recorded
+  try:
+    return nnx_bridge.to_nnx(MODEL, rngs=nnx.Rngs(params=0, dropout=1), sample_shape=X.shape)
+  finally:
+    nnx_bridge.init_variables = real
 
 
 @pytest.fixture
@@ -70,6 +84,19 @@ def test_init_is_the_linen_init(net0, linen_variables):
   assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(linen_variables["params"]))
   assert len(jax.tree.leaves(stats)) == len(jax.tree.leaves(linen_variables["batch_stats"]))
   assert (net0.deterministic, net0.use_running_average) == (True, True)  # eval, as linen
+
+
+def test_to_nnx_uses_init_variables_which_is_model_init_bit_for_bit(net0, linen_variables):
+  assert [(a[0], tuple(a[2])) for a in INIT_CALLS] == [(MODEL, X.shape)]
+  # The program to_nnx compiled (one per model and shape), against jax.jit(model.init).
+  got = googlenet_jax.init_variables(MODEL, nnx.Rngs(params=0).params(), X.shape)
+  assert set(got) == {"params", "batch_stats"}
+  chex.assert_trees_all_equal(got, linen_variables)
+  if models.unrolled_threefry_available():  # the lowering rule is restored, on errors too
+    rules = dict(mlir._platform_specific_lowerings["cpu"])  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match="too small"):
+      googlenet_jax.init_variables(MODEL, 0, (1, 8, 8, 3))
+    assert dict(mlir._platform_specific_lowerings["cpu"]) == rules  # pylint: disable=protected-access
 
 
 def test_given_variables_are_loaded_as_they_are(linen_variables):

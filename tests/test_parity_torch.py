@@ -88,11 +88,12 @@ def test_cpu_kernels_eval_logits_match_pytorch(variant, size):
 def _check_train_outputs(variant, tmodel, torch_out, out, updates, variables):
   """JAX's train-mode outputs and BatchNorm updates against PyTorch's, after `tmodel` (train
   mode) produced `torch_out` from the same images and `variables`."""
+  assert isinstance(out, GoogLeNetOutputs)
   if variant == "d2l":  # no aux heads, no BatchNorm
-    assert rel_err(out, torch_out.detach().numpy()) <= TOL
+    assert out.aux1 is None and out.aux2 is None
+    assert rel_err(out.logits, torch_out.detach().numpy()) <= TOL
     return
   logits, aux_4d, aux_4a = torch_out  # both return (logits, aux2, aux1)
-  assert isinstance(out, GoogLeNetOutputs)
   tol = TOL_TRAIN_BN if variant == "torchvision" else TOL
   for got, ref in ((out.logits, logits), (out.aux1, aux_4a), (out.aux2, aux_4d)):
     assert rel_err(got, ref.detach().numpy()) <= tol
@@ -137,9 +138,9 @@ def _jax_outputs_and_grads(model, variables, x, labels):
     out, updates = model.apply({**variables, "params": params}, x, train=True,
                                mutable=["batch_stats"])
     ce = lambda z: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], 1))
-    if isinstance(out, GoogLeNetOutputs):
+    if out.aux1 is not None:
       return ce(out.logits) + 0.3 * ce(out.aux1) + 0.3 * ce(out.aux2), (out, updates)
-    return ce(out), (out, updates)
+    return ce(out.logits), (out, updates)
   (_, outputs), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
   return outputs, grads
 

@@ -67,7 +67,8 @@ def _locate() -> tuple[pathlib.Path, pathlib.Path]:
   header = _dist_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
   library = _dist_file("onednn-cpu-gomp", "libdnnl.so.3")
   if header is None or library is None:
-    raise RuntimeError(f"the oneDNN wheels are not installed ({', '.join(_DISTRIBUTIONS)})")
+    raise RuntimeError(f"the oneDNN wheels are not installed ({', '.join(_DISTRIBUTIONS)}): "
+                       "install googlenet_jax[cpu] (pip install 'googlenet_jax[cpu]')")
   return header.parent.parent.parent, library.parent
 
 

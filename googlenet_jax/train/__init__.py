@@ -7,14 +7,22 @@ One job per file: `config` (checks), `state` (model, optimiser, schedule, initia
 `digits` (the offline dataset).
 """
 
-from googlenet_jax.train.config import validate_config
-from googlenet_jax.train.loop import evaluate, train_and_evaluate
-from googlenet_jax.train.metrics import MetricWriter
-from googlenet_jax.train.parallel import Parallel
-from googlenet_jax.train.state import (AXIS, TrainState, create_model, create_optimizer,
-                                       create_train_state, initialise_from,
-                                       learning_rate_schedule)
-from googlenet_jax.train.steps import eval_step, train_step
+try:
+  from googlenet_jax.train.config import validate_config
+  from googlenet_jax.train.loop import evaluate, train_and_evaluate
+  from googlenet_jax.train.metrics import MetricWriter
+  from googlenet_jax.train.parallel import Parallel
+  from googlenet_jax.train.state import (AXIS, TrainState, create_model, create_optimizer,
+                                         create_train_state, initialise_from,
+                                         learning_rate_schedule)
+  from googlenet_jax.train.steps import eval_step, train_step
+except ImportError as e:
+  if (e.name or "").split(".")[0] == "googlenet_jax":
+    raise
+  # A library of the `train` extra (optax, orbax, ml_collections, TensorFlow, ...) is missing.
+  raise ImportError(f"googlenet_jax.train needs the train extra ({e}): install "
+                    "googlenet_jax[train] (pip install 'googlenet_jax[train]')",
+                    name=e.name) from e
 
 __all__ = ["AXIS", "MetricWriter", "Parallel", "TrainState", "create_model", "create_optimizer",
            "create_train_state", "eval_step", "evaluate", "initialise_from",

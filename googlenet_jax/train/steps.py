@@ -66,14 +66,13 @@ def train_step(state: TrainState, batch: dict, *, model: GoogLeNet, tx, aux_loss
       variables["batch_stats"] = state.batch_stats
     out, mutated = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
                                rngs={"dropout": dropout_rng})
-    if isinstance(out, GoogLeNetOutputs):
-      logits = out.logits
-      loss = _cross_entropy(logits, labels, label_smoothing).mean() + aux_loss_weight * (
-          _cross_entropy(out.aux1, labels, label_smoothing).mean()
-          + _cross_entropy(out.aux2, labels, label_smoothing).mean())
-    else:
-      logits = out
-      loss = _cross_entropy(logits, labels, label_smoothing).mean()
+    # GoogLeNet's train mode gives GoogLeNetOutputs (aux1/aux2 None without aux heads); any
+    # other module, its logits.
+    logits = out.logits if isinstance(out, GoogLeNetOutputs) else out
+    loss = _cross_entropy(logits, labels, label_smoothing).mean()
+    if isinstance(out, GoogLeNetOutputs) and out.aux1 is not None:
+      loss = loss + aux_loss_weight * (_cross_entropy(out.aux1, labels, label_smoothing).mean()
+                                       + _cross_entropy(out.aux2, labels, label_smoothing).mean())
     return loss, (logits, mutated.get("batch_stats", {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
