@@ -163,54 +163,143 @@ def _mismatch_report(state_dict: Mapping[str, Any], variant: str, num_classes: i
   return missing, unexpected, misshaped
 
 
+def _aux_in(state_dict: Mapping[str, Any]) -> bool:
+  return any(k.startswith("aux") for k in state_dict)
+
+
+def _own_classes(state_dict: Mapping[str, Any], layout: V.Layout) -> Optional[int]:
+  key = _classifier_key(layout)
+  return int(_to_numpy(state_dict[key]).shape[0]) if key in state_dict else None
+
+
+def _fits(state_dict: Mapping[str, Any], variant: str) -> bool:
+  """Whether the state_dict converts cleanly to `variant` with its own class count and heads."""
+  layout = V.get_layout(variant)
+  n = _own_classes(state_dict, layout)
+  aux = _aux_in(state_dict)
+  if layout.torch_names is None or n is None or (aux and not layout.aux_logits):
+    return False
+  return not any(_mismatch_report(state_dict, variant, n, aux))
+
+
+def _torch_variants() -> list[str]:
+  return [name for name, layout in V.LAYOUTS.items() if layout.torch_names is not None]
+
+
 def _looks_like(state_dict: Mapping[str, Any], variant: str) -> Optional[str]:
   """The other layout whose naming and shapes fit this state_dict, if any."""
-  for other, layout in V.LAYOUTS.items():
-    if other == variant or layout.torch_names is None:
-      continue
-    key = _classifier_key(layout)
-    if key not in state_dict:
-      continue
-    n = int(_to_numpy(state_dict[key]).shape[0])
-    aux = any(k.startswith("aux") for k in state_dict)
-    if aux and not layout.aux_logits:
-      continue
-    if not any(_mismatch_report(state_dict, other, n, aux)):
+  for other in _torch_variants():
+    if other != variant and _fits(state_dict, other):
       return other
   return None
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], variant: str = "classic", *,
+def _detect_variant(state_dict: Mapping[str, Any]) -> str:
+  tried = _torch_variants()
+  fitting = [v for v in tried if _fits(state_dict, v)]
+  if len(fitting) == 1:
+    return fitting[0]
+  if fitting:
+    raise ValueError(f"cannot tell this state_dict's variant: it fits {fitting}; pass "
+                     f"variant=... (one of {fitting})")
+  lines = [f"cannot tell this state_dict's variant: it fits none of {tried}; pass variant=... "
+           "to see what does not fit"]
+  for v in tried:
+    layout = V.get_layout(v)
+    n = _own_classes(state_dict, layout) or 1000
+    missing, unexpected, misshaped = _mismatch_report(state_dict, v, n, _aux_in(state_dict))
+    lines.append(f"  {v}: {len(missing)} missing, {len(unexpected)} unexpected, "
+                 f"{len(misshaped)} wrongly shaped keys")
+  raise ValueError("\n".join(lines))
+
+
+def _first(items: list[str], n: int = 3) -> str:
+  more = f" ... and {len(items) - n} more" if len(items) > n else ""
+  return ", ".join(items[:n]) + more
+
+
+def _details(missing: list[str], unexpected: list[str], misshaped: list[str]) -> list[str]:
+  return [f"  {title} ({len(items)}): {_first(items, n)}"
+          for title, items, n in (("missing keys", missing, 3), ("unexpected keys", unexpected, 3),
+                                  ("wrongly shaped", misshaped, 2)) if items]
+
+
+def _torch_diagnosis(state_dict: Mapping[str, Any], variant: str, num_classes: int,
+                     aux_logits: bool, aux_given: Optional[bool]) -> str:
+  """The first line of a conversion error: what is wrong and the call that fixes it."""
+  model = f"GoogLeNet(variant={variant!r}, num_classes={num_classes}, aux_logits={aux_logits})"
+  has_aux = _aux_in(state_dict)
+  other = _looks_like(state_dict, variant)
+  if other:
+    fix = f"pass variant={other!r}"
+    # The aux setting that would go with the other variant, unless the caller already has it.
+    if has_aux and aux_given is False:
+      fix += " and aux_logits=None (it has auxiliary heads)"
+    elif not has_aux and aux_given:
+      fix += " and aux_logits=False (it has no auxiliary heads)"
+    return f"this state_dict is a {other!r} checkpoint, not {variant!r}: {fix}"
+  layout = V.get_layout(variant)
+  n = _own_classes(state_dict, layout)
+  if _fits(state_dict, variant):
+    if aux_logits and not has_aux:
+      return ("this state_dict has no auxiliary heads: pass aux_logits=False (and build "
+              "GoogLeNet(..., aux_logits=False))")
+    if has_aux and not aux_logits:
+      return ("this state_dict has auxiliary heads: pass aux_logits=None to convert them, or "
+              "drop its aux* keys")
+    if n != num_classes:
+      return (f"this state_dict has a {n}-class classifier, not {num_classes}: convert it with "
+              f"num_classes={n} (the default), then put its weights into your {num_classes}-"
+              "class model with googlenet_jax.train.model_dir.merge_pretrained")
+  return f"state_dict does not fit {model}:"
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], variant: Optional[str] = None, *,
                   num_classes: Optional[int] = None, aux_logits: Optional[bool] = None) -> dict:
   """A PyTorch state_dict (tensors or arrays) -> Flax variables for `GoogLeNet(variant=...)`.
 
-  `num_classes` and `aux_logits` default to what the state_dict holds. Returns
+  `variant` None detects it from the state_dict's key names and shapes ('classic',
+  'torchvision' or 'd2l'; a ValueError lists the variants tried when none or several fit); a
+  given variant is used as is. `num_classes` and `aux_logits` default to what the state_dict
+  holds: with `aux_logits=None` the aux heads are converted when the state_dict has them
+  (`"aux1"`, `"aux2"` under `params`) and left out when it has none, so build the model with
+  `aux_logits=googlenet_jax.variants.AUX_TAPS[0] in variables["params"]`. Returns
   `{"params": ...}`, plus `"batch_stats"` for the BatchNorm (torchvision) layout. Dtypes are
-  kept (a double model gives float64 arrays where x64 is on). Raises one ValueError listing every
-  missing, unexpected and wrongly shaped key.
+  kept (a double model gives float64 arrays where x64 is on).
+
+  A state_dict that does not fit raises one ValueError whose first line names the cause and
+  the fix (another variant, `aux_logits=False`, `merge_pretrained` for another class count),
+  followed by the counts and first names of the missing, unexpected and wrongly shaped keys.
   """
+  if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+    state_dict = state_dict.state_dict()
+  if variant is None:
+    variant = _detect_variant(state_dict)
   layout = V.get_layout(variant)
   if layout.torch_names is None:
     list(_torch_modules(layout, False))  # raises the explanation
-  if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
-    state_dict = state_dict.state_dict()
+  aux_given = aux_logits
   if aux_logits is None:
-    aux_logits = any(k.startswith("aux") for k in state_dict)
+    aux_logits = _aux_in(state_dict)
   if num_classes is None:
-    key = _classifier_key(layout)
-    num_classes = int(_to_numpy(state_dict[key]).shape[0]) if key in state_dict else 1000
-  missing, unexpected, misshaped = _mismatch_report(state_dict, variant, num_classes, aux_logits)
-  if missing or unexpected or misshaped:
-    lines = [f"state_dict does not fit GoogLeNet(variant={variant!r}, num_classes={num_classes}, "
-             f"aux_logits={aux_logits}):"]
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("wrongly shaped", misshaped)):
-      if items:
-        lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+    num_classes = _own_classes(state_dict, layout) or 1000
+  if aux_logits and not layout.aux_logits:
+    # The model cannot be built with aux heads here, so the keys are compared without them.
     other = _looks_like(state_dict, variant)
     if other:
-      lines.append(f"  it looks like a {other!r} checkpoint: try variant={other!r}")
-    raise ValueError("\n".join(lines))
+      first = _torch_diagnosis(state_dict, variant, num_classes, aux_logits, aux_given)
+    elif aux_given:
+      first = (f"the {variant!r} layout has no auxiliary heads: pass aux_logits=False (or "
+               "leave it None)")
+    else:
+      first = (f"this state_dict has auxiliary heads, which the {variant!r} layout lacks: pass "
+               "the variant it was saved from, or drop its aux* keys")
+    raise ValueError("\n".join(
+        [first] + _details(*_mismatch_report(state_dict, variant, num_classes, False))))
+  missing, unexpected, misshaped = _mismatch_report(state_dict, variant, num_classes, aux_logits)
+  if missing or unexpected or misshaped:
+    first = _torch_diagnosis(state_dict, variant, num_classes, aux_logits, aux_given)
+    raise ValueError("\n".join([first] + _details(missing, unexpected, misshaped)))
   flat = {(e.collection,) + e.path: jnp.asarray(e.to_flax(_to_numpy(state_dict[e.key])))
           for e in _entries(layout, aux_logits)}
   return traverse_util.unflatten_dict(flat)
@@ -219,6 +308,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], variant: str = "classic", *,
 def flax_to_torch(variables: Mapping[str, Any], variant: str = "classic", *,
                   as_numpy: bool = False) -> "collections.OrderedDict[str, Any]":
   """Flax variables -> a PyTorch state_dict (`load_state_dict(strict=True)` ready).
+
+  `variant` is required in practice ('classic' by default): the classic and d2l layouts differ
+  in names only, which Flax variables do not carry, so it is not detected.
 
   `variables` is `{"params": ..., "batch_stats": ...}`, or a bare tree shaped like `params`
   (gradients, say), in which case only parameter keys are produced.
@@ -242,8 +334,8 @@ def flax_to_torch(variables: Mapping[str, Any], variant: str = "classic", *,
     if e.key.endswith("running_var"):
       out[e.key.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
   if missing:
-    raise ValueError(f"variables do not fit the {variant!r} layout; missing ({len(missing)}): "
-                     + ", ".join(missing))
+    raise ValueError(f"variables do not fit the {variant!r} layout: pass the variant the model "
+                     f"was built with\n  missing ({len(missing)}): {_first(missing)}")
   if as_numpy:
     return out
   import torch  # pylint: disable=import-outside-toplevel
@@ -314,10 +406,30 @@ def keras_to_flax(model: Any, *, num_classes: Optional[int] = None,
           problems.append(f"{name} {'/'.join(path)}/{leaf}: got {value.shape}, expected {want}")
         flat[("params",) + path + (leaf,)] = jnp.asarray(value)
   if problems:
-    raise ValueError("Keras weights do not fit GoogLeNet(variant='keras', "
-                     f"num_classes={num_classes}, aux_logits={aux_logits}):\n  "
-                     + "\n  ".join(problems))
+    raise ValueError("\n  ".join([_keras_diagnosis(layer_weights, num_classes, aux_logits)]
+                                 + problems[:5]
+                                 + ([f"... and {len(problems) - 5} more"] if len(problems) > 5
+                                    else [])))
   return traverse_util.unflatten_dict(flat)
+
+
+def _keras_diagnosis(layer_weights: Mapping[str, list], num_classes: int,
+                     aux_logits: bool) -> str:
+  """The first line of a Keras conversion error: what is wrong and the call that fixes it."""
+  has_aux = "aux_1" in layer_weights
+  if aux_logits and not has_aux:
+    return ("these Keras weights have no auxiliary heads: pass aux_logits=False (and build "
+            "GoogLeNet(variant='keras', ..., aux_logits=False))")
+  if has_aux and not aux_logits:
+    return "these Keras weights have auxiliary heads: pass aux_logits=None to convert them"
+  dense = layer_weights.get("output_dense")
+  if dense and int(dense[0].shape[-1]) != num_classes:
+    n = int(dense[0].shape[-1])
+    return (f"these Keras weights have a {n}-class classifier, not {num_classes}: convert them "
+            f"with num_classes={n} (the default), then put them into your {num_classes}-class "
+            "model with googlenet_jax.train.model_dir.merge_pretrained")
+  return (f"Keras weights do not fit GoogLeNet(variant='keras', num_classes={num_classes}, "
+          f"aux_logits={aux_logits}): is this a keras-layout model (seed 000's layer names)?")
 
 
 def _natural_key(name: str):

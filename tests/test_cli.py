@@ -146,6 +146,17 @@ def test_convert_command_line_errors(tmp_path):
   assert "Traceback" not in run.stderr
 
 
+def test_convert_wrong_variant_is_one_short_error(tmp_path, capsys):
+  torch.save(torchvision_model().state_dict(), tmp_path / "weights.pth")
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(["--torch", str(tmp_path / "weights.pth"), "--variant", "classic", "--out",
+                  str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and len(err) <= 600, err
+  assert err.splitlines()[0] == ("error: this state_dict is a 'torchvision' checkpoint, not "
+                                 "'classic': pass --variant torchvision")
+
+
 def test_class_names():
   assert model_dir.class_names({"num_classes": 3, "class_names": ["a", "b", "c"]}) == [
       "a", "b", "c"]

@@ -12,6 +12,7 @@ import torch
 from googlenet_jax import GoogLeNet, GoogLeNetOutputs, TABLE_1, count_params, layers
 from googlenet_jax.convert import flax_to_torch, torch_to_flax
 from googlenet_jax.variants import Inception
+import torch_reference
 from helpers import dropout_calls, init_variables, nchw_to_nhwc, rel_err
 
 
@@ -219,5 +220,79 @@ def test_converter_names_the_variant_a_checkpoint_looks_like():
   sd = flax_to_torch(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                                   param_shapes("torchvision", num_classes=10)), "torchvision",
                      as_numpy=True)
-  with pytest.raises(ValueError, match="looks like a 'torchvision' checkpoint"):
+  with pytest.raises(ValueError) as err:
     torch_to_flax(sd, "classic")
+  assert str(err.value).splitlines()[0] == (
+      "this state_dict is a 'torchvision' checkpoint, not 'classic': pass variant='torchvision'")
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_state_dict(aux_logits: bool) -> dict:
+  torchvision = pytest.importorskip("torchvision")
+  torch.manual_seed(0)
+  model = torchvision.models.googlenet(weights=None, aux_logits=aux_logits, init_weights=True)
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _conversion_error(state_dict, **kwargs) -> tuple[str, str]:
+  """(first line, whole message) of the ValueError torch_to_flax raises."""
+  with pytest.raises(ValueError) as err:
+    torch_to_flax(state_dict, **kwargs)
+  msg = str(err.value)
+  assert len(msg) <= 600, msg
+  return msg.splitlines()[0], msg
+
+
+@pytest.mark.parametrize("kwargs, first", [
+    (dict(variant="classic"),
+     "this state_dict is a 'torchvision' checkpoint, not 'classic': pass variant='torchvision'"),
+    (dict(variant="d2l"),
+     "this state_dict is a 'torchvision' checkpoint, not 'd2l': pass variant='torchvision'"),
+    (dict(variant="d2l", aux_logits=False),
+     "this state_dict is a 'torchvision' checkpoint, not 'd2l': pass variant='torchvision' and "
+     "aux_logits=None (it has auxiliary heads)"),
+])
+def test_converter_error_leads_with_the_right_variant(kwargs, first):
+  got, msg = _conversion_error(_torchvision_state_dict(True), **kwargs)
+  assert got == first
+  assert "aux_logits=None" not in got or kwargs.get("aux_logits") is not None
+  assert "missing keys (" in msg and "... and" in msg
+
+
+def test_converter_error_names_missing_aux_heads():
+  first, msg = _conversion_error(_torchvision_state_dict(False), variant="torchvision",
+                                 aux_logits=True)
+  assert first == ("this state_dict has no auxiliary heads: pass aux_logits=False (and build "
+                   "GoogLeNet(..., aux_logits=False))")
+  assert "missing keys (18): aux1." in msg
+  first, _ = _conversion_error(torch_reference.d2l_googlenet().state_dict(), variant="d2l",
+                               aux_logits=True)
+  assert first.startswith("the 'd2l' layout has no auxiliary heads: pass aux_logits=False")
+  variables = torch_to_flax(_torchvision_state_dict(False), "torchvision")
+  assert "aux1" not in variables["params"] and "aux2" not in variables["params"]
+
+
+def test_converter_error_names_merge_pretrained_for_another_class_count():
+  first, msg = _conversion_error(_torchvision_state_dict(True), variant="torchvision",
+                                 num_classes=10)
+  assert first.startswith("this state_dict has a 1000-class classifier, not 10:")
+  assert "merge_pretrained" in first and "wrongly shaped (6): aux1.fc2.weight: got (1000" in msg
+
+
+@pytest.mark.parametrize("aux", [True, False])
+def test_converter_detects_the_variant(aux):
+  sd = _torchvision_state_dict(aux)
+  chex.assert_trees_all_equal(torch_to_flax(sd), torch_to_flax(sd, "torchvision"))
+  d2l = torch_reference.d2l_googlenet().state_dict()
+  chex.assert_trees_all_equal(torch_to_flax(d2l), torch_to_flax(d2l, "d2l"))
+  classic = torch_reference.ClassicGoogLeNet(num_classes=10).state_dict()
+  chex.assert_trees_all_equal(torch_to_flax(classic), torch_to_flax(classic, "classic"))
+
+
+def test_converter_detection_failure_lists_the_variants_tried():
+  sd = dict(_torchvision_state_dict(False))
+  del sd["conv1.conv.weight"]
+  first, msg = _conversion_error(sd)
+  assert first.startswith("cannot tell this state_dict's variant: it fits none of "
+                          "['classic', 'torchvision', 'd2l']")
+  assert "torchvision: 1 missing" in msg

@@ -81,3 +81,21 @@ def test_dropout_rates_and_places_match_keras(keras_model):
     keras.layers.Dropout.call = real
   got = dropout_calls(GoogLeNet(variant="keras", num_classes=NUM_CLASSES), (2, 224, 224, 3))
   assert got == sorted(calls) and len(got) == 5, (got, sorted(calls))
+
+
+def test_keras_conversion_errors_lead_with_the_fix(keras_model):
+  with pytest.raises(ValueError) as err:
+    keras_to_flax(keras_model, num_classes=1000)
+  msg = str(err.value)
+  assert msg.startswith(f"these Keras weights have a {NUM_CLASSES}-class classifier, not 1000:")
+  assert "merge_pretrained" in msg.splitlines()[0] and len(msg) <= 600, msg
+
+  class WithoutAux:  # the same Keras layers, aux heads left out
+    layers = [layer for layer in keras_model.layers if not layer.name.startswith("aux_")]
+
+  with pytest.raises(ValueError) as err:
+    keras_to_flax(WithoutAux(), aux_logits=True)
+  msg = str(err.value)
+  assert msg.startswith("these Keras weights have no auxiliary heads: pass aux_logits=False")
+  assert len(msg) <= 600, msg
+  assert "aux1" not in keras_to_flax(WithoutAux())["params"]

@@ -9,6 +9,7 @@ The tensor mapping itself is `googlenet_jax.convert` (no PyTorch needed there).
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from googlenet_jax import variants as V
@@ -146,7 +147,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     else:
       parser.error("give --torch FILE --variant V --out DIR, or --checkpoint DIR --to-torch FILE")
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    # The library's fixes name keyword arguments; here the flag is what the user passes.
+    msg = re.sub(r"\bpass variant='(\w+)'", r"pass --variant \1", str(e))
+    print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
