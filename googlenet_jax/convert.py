@@ -344,7 +344,7 @@ def flax_to_torch(variables: Mapping[str, Any], variant: str = "classic", *,
 
 
 # --------------------------------------------------------------------------------------------
-# Keras (seed 000's TF2 layout, Keras 3).
+# Keras (the reference TF2 model's layout, Keras 3).
 
 # Layer names of the Keras model -> Flax module paths. Inception layers hold six Conv2D layers
 # (branch1; branch2 1x1, 3x3; branch3 1x1, 5x5; branch4 1x1 after the pool), aux layers three.
@@ -369,7 +369,7 @@ def _keras_targets(aux: bool) -> Iterator[tuple[str, list[tuple[str, ...]]]]:
 
 def keras_to_flax(model: Any, *, num_classes: Optional[int] = None,
                   aux_logits: Optional[bool] = None) -> dict:
-  """A Keras model of the keras layout (seed 000's layer names) -> Flax variables.
+  """A Keras model of the keras layout (the reference TF2 model's layer names) -> Flax variables.
 
   `model` is a built Keras model, or the path of its `.weights.h5` file (read with h5py, in the
   order Keras 3 saves each layer's variables).
@@ -429,7 +429,8 @@ def _keras_diagnosis(layer_weights: Mapping[str, list], num_classes: int,
             f"with num_classes={n} (the default), then put them into your {num_classes}-class "
             "model with googlenet_jax.train.model_dir.merge_pretrained")
   return (f"Keras weights do not fit GoogLeNet(variant='keras', num_classes={num_classes}, "
-          f"aux_logits={aux_logits}): is this a keras-layout model (seed 000's layer names)?")
+          f"aux_logits={aux_logits}): is this a keras-layout model (the reference TF2 "
+          "model's layer names)?")
 
 
 def _natural_key(name: str):

@@ -122,19 +122,3 @@ def test_backbone_under_jit_grad_and_vmap():
   batched = feats(variables, x)["inception_4e"]
   per_example = jax.jit(jax.vmap(lambda xi: feats(variables, xi[None])["inception_4e"][0]))(x)
   assert rel_err(per_example, batched) < TOL
-
-
-@pytest.mark.slow  # (the fast tier's time: make test runs in <= 8 minutes)
-def test_readme_feature_maps_snippet_runs():
-  import os  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
-  readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-  blocks = [b for b in re.findall(r"```python\n(.*?)```", open(readme).read(), re.S)
-            if 'method="features"' in b]
-  assert len(blocks) == 1
-  scope = {}
-  exec(compile(blocks[0].replace("224, 224", "64, 64"), "README.md", "exec"),  # pylint: disable=exec-used
-       scope)
-  feats = scope["feats"]
-  assert set(feats) == set(feature_names("torchvision")[:13])
-  assert feats["inception_4e"].shape == (8, 4, 4, 832)

@@ -5,8 +5,6 @@ Init, eval / train outputs, dropout keys, BatchNorm running statistics and optim
 `model.apply`, `jax.grad` + optax), float32, torchvision layout at 64x64, batch 3.
 """
 
-import os
-import re
 
 import chex
 import jax
@@ -23,7 +21,6 @@ from googlenet_jax import GoogLeNet, GoogLeNetOutputs, models, nnx_bridge
 from jax._src.interpreters import mlir
 from googlenet_jax.convert import torch_to_flax
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 MODEL = GoogLeNet(variant="torchvision", num_classes=10)
 X = jnp.asarray(np.random.RandomState(0).randn(3, 64, 64, 3), jnp.float32)
 LABELS = jnp.asarray([1, 4, 7])
@@ -207,37 +204,3 @@ def test_optimizer_steps_match_linen(net, linen_variables):
   chex.assert_trees_all_equal(got["batch_stats"], batch_stats)
   assert max(float(np.abs(d).max()) for d in jax.tree.leaves(moved)) > 1e-3  # they trained
   assert int(optimizer.step[...]) == steps
-
-
-@pytest.mark.slow
-def test_readme_fine_tuning_and_nnx_snippets_run(tmp_path, capsys):
-  """The README's fine-tuning example, then the Flax NNX example that continues it, on a
-  converted random-weight torchvision file at 64x64."""
-  from googlenet_jax.tools import convert  # pylint: disable=import-outside-toplevel
-  blocks = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
-  fine_tuning = [b for b in blocks if "merge_pretrained" in b]
-  nnx_blocks = [b for b in blocks if "nnx_bridge.to_nnx" in b]
-  assert len(fine_tuning) == 1 and len(nnx_blocks) == 1
-  torch.manual_seed(0)
-  weights = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
-  torch.save(weights.state_dict(), tmp_path / "weights.pth")
-  convert.torch_file_to_model_dir(str(tmp_path / "weights.pth"), "torchvision",
-                                  str(tmp_path / "runs" / "torchvision_imagenet"))
-  scope = {}
-  for block in (fine_tuning[0], nnx_blocks[0]):
-    code = block.replace('"runs/', f'"{tmp_path}/runs/').replace("224, 224", "64, 64")
-    if block is nnx_blocks[0]:
-      start = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
-          scope["variables"])}
-    exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
-    if block is fine_tuning[0]:  # it prints the classifiers merge_pretrained replaced
-      assert ("['aux_after_4a/fc2', 'aux_after_4d/fc2', 'classifier']"
-              in capsys.readouterr().out)
-  assert np.isfinite(float(scope["loss"]))
-  tuned = scope["tuned"]
-  assert tuned["params"]["classifier"]["kernel"].shape == (1024, 5)
-  after = dict(jax.tree_util.tree_leaves_with_path(tuned))
-  assert set(after) == set(start)
-  changed = [k for k in start if not np.array_equal(start[k], np.asarray(after[k]))]
-  assert len(changed) > len(start) // 2  # the parameters and running statistics trained
-  assert scope["predictions"].shape == (4,)

@@ -340,3 +340,10 @@ def test_python_snippets_run_as_written(tmp_path, monkeypatch, capsys):
   assert api["reinitialised"] == ["aux_after_4a/fc2", "aux_after_4d/fc2", "classifier"]
   assert np.isfinite(float(api["loss"])) and api["predictions"].shape == (4,)
   assert api["tuned"]["params"]["classifier"]["kernel"].shape == (1024, 5)
+  # The NNX steps trained the parameters and running statistics of `variables` (unchanged).
+  import jax  # pylint: disable=import-outside-toplevel
+  start = dict(jax.tree_util.tree_leaves_with_path(api["variables"]))
+  after = dict(jax.tree_util.tree_leaves_with_path(api["tuned"]))
+  assert set(after) == set(start)
+  changed = [k for k in start if not np.array_equal(np.asarray(start[k]), np.asarray(after[k]))]
+  assert len(changed) > len(start) // 2, (len(changed), len(start))
