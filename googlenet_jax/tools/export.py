@@ -308,6 +308,7 @@ def run(argv: Sequence[str], flags, setup: Callable[[], None] = cli.setup) -> in
   from googlenet_jax.train import model_dir  # pylint: disable=import-outside-toplevel
   with cli.user_errors():
     loaded = model_dir.load_for_inference(flags.workdir, flags.checkpoint,
+                                          getattr(flags, "config", None),
                                           use_ema=flags.use_ema, ops=export_ops(fmt))
   start = time.perf_counter()
   path = export(loaded, fmt, flags.out, platforms=platforms, opset=flags.opset)
@@ -317,7 +318,10 @@ def run(argv: Sequence[str], flags, setup: Callable[[], None] = cli.setup) -> in
 
 def main() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   cli.define_model_flags(flags)
+  config_flags.DEFINE_config_file("config", None, "Config file, when the model directory has no "
+                                  "config.json or to change the preprocessing.", lock_config=False)
   flags.DEFINE_string("format", None, f"What to write: {', '.join(FORMATS)}.")
   flags.DEFINE_string("out", None, "The file (jax, onnx) or directory (savedmodel) to write.")
   flags.DEFINE_list("platforms", ["cpu"], "jax and savedmodel: the platforms to lower for "

@@ -28,6 +28,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from googlenet_jax.train import model_dir
+
 log = logging.getLogger("googlenet_jax")
 CHECKSUMS = "checksums.json"
 
@@ -138,7 +140,7 @@ def leaf_paths(tree) -> dict[str, tuple]:
 class Checkpointer:
 
   def __init__(self, workdir: str, config):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.abspath(os.path.join(workdir, model_dir.CHECKPOINTS))
     self.every = config.checkpoint_every_steps
     self.keep = config.keep_checkpoints
     self.is_main = jax.process_index() == 0

@@ -165,8 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
                        fast_init: bool = False) -> dict:
   """Train, evaluate and checkpoint as `config` says; returns the final eval metrics (and
   `stopped_early` when a signal interrupted the run). `ops` as `GoogLeNet.ops`, `fast_init` as
-  in `create_train_state` (train.py: `googlenet_jax.cpu.ops()` and True on CPU)."""
-  validate_config(config, jax.device_count())
+  in `create_train_state` (train.py: `googlenet_jax.cpu.ops()` and True on CPU). The config is
+  checked by `_one_run_per_workdir`, before the workdir is locked."""
   is_main = jax.process_index() == 0
   source = input_pipeline.open_source(config)
   num_classes = config.get("num_classes") or source.num_classes
