@@ -194,7 +194,10 @@ def _looks_like(state_dict: Mapping[str, Any], variant: str) -> Optional[str]:
   return None
 
 
-def _detect_variant(state_dict: Mapping[str, Any]) -> str:
+def detect_variant(state_dict: Mapping[str, Any]) -> str:
+  """The one PyTorch layout ('classic', 'torchvision' or 'd2l') whose names and shapes the
+  state_dict fits (with its own class count and heads); a ValueError saying what it fits (none
+  or several) otherwise."""
   tried = _torch_variants()
   fitting = [v for v in tried if _fits(state_dict, v)]
   if len(fitting) == 1:
@@ -274,7 +277,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], variant: Optional[str] = None, 
   if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
     state_dict = state_dict.state_dict()
   if variant is None:
-    variant = _detect_variant(state_dict)
+    variant = detect_variant(state_dict)
   layout = V.get_layout(variant)
   if layout.torch_names is None:
     list(_torch_modules(layout, False))  # raises the explanation

@@ -155,6 +155,10 @@ def test_convert_wrong_variant_is_one_short_error(tmp_path, capsys):
   assert exit_info.value.code == 2 and len(err) <= 600, err
   assert err.splitlines()[0] == ("error: this state_dict is a 'torchvision' checkpoint, not "
                                  "'classic': pass --variant torchvision")
+  # Without --variant the layout is detected and written into config.json.
+  convert.main(["--torch", str(tmp_path / "weights.pth"), "--out", str(tmp_path / "detected")])
+  record = json.load(open(tmp_path / "detected" / "config.json"))
+  assert record["variant"] == "torchvision" and record["transform_input"] is True, record
 
 
 def test_class_names():

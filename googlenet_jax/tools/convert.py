@@ -1,6 +1,6 @@
 """PyTorch state_dict files <-> model directories (config.json + an Orbax checkpoint).
 
-    python -m googlenet_jax.tools.convert --torch FILE.pth --variant V --out DIR
+    python -m googlenet_jax.tools.convert --torch FILE.pth [--variant V] --out DIR
     python -m googlenet_jax.tools.convert --checkpoint DIR --to-torch FILE.pth
 
 The tensor mapping itself is `googlenet_jax.convert` (no PyTorch needed there).
@@ -13,7 +13,7 @@ import re
 from typing import Optional
 
 from googlenet_jax import variants as V
-from googlenet_jax.convert import _torch_modules, flax_to_torch, torch_to_flax
+from googlenet_jax.convert import _torch_modules, detect_variant, flax_to_torch, torch_to_flax
 from googlenet_jax.train import model_dir
 
 # How a converted model is fed, per variant (overridable by flags): input size, channels,
@@ -48,12 +48,14 @@ def _load_torch_file(path: str) -> dict:
   return obj
 
 
-def torch_file_to_model_dir(path: str, variant: str, out: str, *,
+def torch_file_to_model_dir(path: str, variant: Optional[str], out: str, *,
                             num_classes: Optional[int] = None,
                             class_names: Optional[list[str]] = None, **feeding) -> str:
   """Convert a PyTorch state_dict file into a model directory (config.json + an Orbax
-  checkpoint) that predict, evaluate and `init_from` read. Returns the checkpoint path."""
+  checkpoint) that predict, evaluate and `init_from` read; `variant` None: the layout the
+  state_dict fits (`convert.detect_variant`). Returns the checkpoint path."""
   state_dict = _load_torch_file(path)
+  variant = variant or detect_variant(state_dict)
   variables = torch_to_flax(state_dict, variant, num_classes=num_classes)
   n = int(variables["params"]["classifier"]["kernel"].shape[-1])
   if class_names is not None and len(class_names) != n:
@@ -100,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("--torch", metavar="FILE.pth", help="PyTorch state_dict to convert")
   parser.add_argument("--variant", choices=sorted(k for k, l in V.LAYOUTS.items()
                                                   if l.torch_names is not None),
-                      help="layout of the state_dict (needed with --torch)")
+                      help="layout of the state_dict (default with --torch: the one it fits)")
   parser.add_argument("--out", metavar="DIR", help="new model directory (with --torch)")
   parser.add_argument("--num_classes", type=int, help="default: the state_dict's")
   parser.add_argument("--class_names", metavar="FILE",
@@ -128,8 +130,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.torch:
       if args.checkpoint or args.to_torch:
         parser.error("--torch goes with --variant and --out; --checkpoint with --to-torch")
-      if not args.variant or not args.out:
-        parser.error("--torch needs --variant and --out")
+      if not args.out:
+        parser.error("--torch needs --out (and --variant, unless the file's layout is to be "
+                     "detected)")
       names = None
       if args.class_names:
         with open(args.class_names) as f:
