@@ -135,3 +135,16 @@ def test_a_missing_extra_is_named_with_its_install_command():
   assert "ml_collections" in got["train"]["cause"]
   assert got["ops"] == "cpu-xla"
   assert any("install googlenet_jax[cpu]" in w for w in got["warnings"]), got["warnings"]
+  got = _run("""
+      import contextlib, io, json, sys
+      sys.modules["torch"] = None  # as if the convert extra were not installed
+      from googlenet_jax.tools import convert
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err):
+        try:
+          convert.main(["--torch", "w.pth", "--out", "out"])
+        except SystemExit as e:
+          code = e.code
+      print(json.dumps({"code": code, "err": err.getvalue()}))
+      """)
+  assert got["code"] == 2 and "install googlenet_jax[convert]" in got["err"], got

@@ -124,7 +124,8 @@ def main(argv: Optional[list[str]] = None) -> None:
   try:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    print("error: converting PyTorch files needs PyTorch (pip install torch)", file=sys.stderr)
+    print("error: converting PyTorch files needs PyTorch: install googlenet_jax[convert] "
+          "(pip install 'googlenet_jax[convert]')", file=sys.stderr)
     sys.exit(2)
   try:
     if args.torch:
