@@ -68,6 +68,12 @@ def _fc1_to_torch(w):
   return w.reshape(side, side, c, out).transpose(2, 0, 1, 3).reshape(n, out).T
 
 
+def check_torch_layout(variant: str) -> None:
+  """Raise the ValueError saying which layouts have a PyTorch state_dict naming, unless
+  `variant`'s has one."""
+  list(_torch_modules(V.get_layout(variant), False))
+
+
 def _torch_modules(layout: V.Layout, aux: bool) -> Iterator[tuple[tuple[str, ...], str, str]]:
   """(Flax module path, PyTorch prefix, kind) for every layer with weights, kind being
   "conv_unit", "dense" or "aux_fc1"."""

@@ -22,8 +22,8 @@ Dtype = Any
 ModuleDef = Any
 
 # torchvision's `transform_input`: ImageNet-normalised input -> the [-1, 1] range of its weights.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class GoogLeNetOutputs(NamedTuple):
@@ -344,8 +344,8 @@ class GoogLeNet(nn.Module):
         param_dtype=self.param_dtype, ops=self.ops)
 
     if self.transform_input:
-      scale = jnp.asarray([s / 0.5 for s in _IMAGENET_STD], x.dtype)
-      shift = jnp.asarray([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], x.dtype)
+      scale = jnp.asarray([s / 0.5 for s in IMAGENET_STD], x.dtype)
+      shift = jnp.asarray([(m - 0.5) / 0.5 for m in IMAGENET_MEAN], x.dtype)
       x = x * scale + shift
     if self.dtype is not None:
       x = x.astype(self.dtype)

@@ -13,7 +13,8 @@ import re
 from typing import Optional
 
 from googlenet_jax import variants as V
-from googlenet_jax.convert import _torch_modules, detect_variant, flax_to_torch, torch_to_flax
+from googlenet_jax.convert import (check_torch_layout, detect_variant, flax_to_torch,
+                                   torch_to_flax)
 from googlenet_jax.train import model_dir
 
 # How a converted model is fed, per variant (overridable by flags): input size, channels,
@@ -85,7 +86,7 @@ def model_dir_to_torch_file(checkpoint: str, out: str, variant: Optional[str] = 
   if record.get("variant", variant) != variant:
     raise ValueError(f"{directory} holds a {record['variant']!r} model, not {variant!r}")
   if V.get_layout(variant).torch_names is None:
-    list(_torch_modules(V.get_layout(variant), False))  # raises the explanation
+    check_torch_layout(variant)
   variables = model_dir.restore_variables(step_dir, use_ema=use_ema)
   state_dict = flax_to_torch(variables, variant)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

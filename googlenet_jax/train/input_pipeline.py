@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from googlenet_jax.models import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -34,8 +36,8 @@ def keep_tensorflow_off_accelerators() -> None:
   tfds.display_progress_bar(False)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-MEANS = {"imagenet": (0.485, 0.456, 0.406), "half": (0.5, 0.5, 0.5), "unit": (0.0, 0.0, 0.0)}
-STDS = {"imagenet": (0.229, 0.224, 0.225), "half": (0.5, 0.5, 0.5), "unit": (1.0, 1.0, 1.0)}
+MEANS = {"imagenet": IMAGENET_MEAN, "half": (0.5, 0.5, 0.5), "unit": (0.0, 0.0, 0.0)}
+STDS = {"imagenet": IMAGENET_STD, "half": (0.5, 0.5, 0.5), "unit": (1.0, 1.0, 1.0)}
 
 
 class DatasetError(ValueError):
