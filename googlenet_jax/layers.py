@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from googlenet_jax.ops import LAX, Ops, conv_pads
+from googlenet_jax.ops import LAX, Ops, conv_pads, same_padding
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -28,10 +28,8 @@ Padding = Union[int, str]  # an explicit symmetric amount, or "SAME"
 def pool_padding(size: int, window: int, stride: int, padding: Padding,
                  ceil_mode: bool = False) -> tuple[int, int]:
   """(low, high) padding that makes a VALID window reproduce the framework's rounding."""
-  if padding == "SAME":  # TensorFlow: out = ceil(size / stride), extra padding on the high side
-    out = -(-size // stride)
-    total = max((out - 1) * stride + window - size, 0)
-    return total // 2, total - total // 2
+  if padding == "SAME":
+    return same_padding(size, window, stride)
   if not ceil_mode:
     return padding, padding
   # PyTorch ceil_mode: round the window count up, but never start a window in the right padding.

@@ -23,15 +23,18 @@ Pads = Sequence[tuple[int, int]]
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
+def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+  """TensorFlow's 'SAME' as explicit (low, high) padding of one axis: out = ceil(size / stride),
+  the odd row/column of padding at the high end."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + window - size, 0)
+  return total // 2, total - total // 2
+
+
 def conv_pads(padding, kernel: int, stride: int, hw: Sequence[int]) -> tuple[tuple[int, int], ...]:
   """Explicit (low, high) padding per spatial axis for an int (symmetric) or 'SAME' padding."""
-  if padding == "SAME":  # TensorFlow: out = ceil(n / stride), the extra row/column at the end
-    out = []
-    for n in hw:
-      o = -(-n // stride)
-      total = max((o - 1) * stride + kernel - n, 0)
-      out.append((total // 2, total - total // 2))
-    return tuple(out)
+  if padding == "SAME":
+    return tuple(same_padding(n, kernel, stride) for n in hw)
   return ((padding, padding), (padding, padding))
 
 
