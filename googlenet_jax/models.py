@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from googlenet_jax import layers
 from googlenet_jax import variants as V
@@ -282,7 +283,7 @@ class GoogLeNet(nn.Module):
     if not self.has_variable("params", "classifier"):
       return  # Flax names what is missing
     kernel = self.variables["params"]["classifier"]["kernel"]
-    classes = jnp.shape(kernel)[-1]
+    classes = np.shape(kernel)[-1]  # static; jnp.shape is traced under jax2onnx
     if classes != self.num_classes:
       raise ValueError(
           f"{desc} was given variables for {classes} classes; build the model with "
