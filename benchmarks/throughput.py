@@ -62,7 +62,7 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
   p.add_argument("--iters", type=int, default=2, help="steps per implementation per round")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-  p.add_argument("--ops", choices=["auto", "lax", "cpu-xla", "cpu-onednn"], default="auto",
+  p.add_argument("--ops", choices=cpu.OPS_NAMES, default="auto",
                  help="the network's ops (auto: googlenet_jax.cpu.ops_for_backend(), as train.py)")
   p.add_argument("--no-compile-torch", action="store_true", help="skip torch.compile")
   p.add_argument("--torch-compile-train", action="store_true",
@@ -304,8 +304,7 @@ def time_pipeline(args, steps=6):
 
 
 def run(args) -> dict:
-  ops = {"auto": None, "lax": LAX, "cpu-xla": cpu.FAST_XLA,
-         "cpu-onednn": cpu.ONEDNN}[args.ops] or cpu.ops_for_backend()
+  ops = cpu.ops_named(args.ops)
   torch.set_num_threads(args.threads)
   load_start = os.getloadavg()
   config = make_config(args)

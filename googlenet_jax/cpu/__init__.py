@@ -47,6 +47,21 @@ def ops_for_backend(backend: Optional[str] = None) -> Ops:
   return ops() if (backend or jax.default_backend()) == "cpu" else LAX
 
 
+# The names `ops_named` takes (`config.ops`, benchmarks/throughput.py's --ops).
+OPS_NAMES = ("auto", "lax", "cpu-xla", "cpu-onednn")
+
+
+def ops_named(name: str) -> Ops:
+  """The Ops a name of `OPS_NAMES` stands for: "auto" = `ops_for_backend()`, "lax" = `LAX`,
+  "cpu-xla" = `FAST_XLA`, "cpu-onednn" = `ONEDNN` (whether or not oneDNN works here)."""
+  if name == "auto":
+    return ops_for_backend()
+  named = {"lax": LAX, "cpu-xla": FAST_XLA, "cpu-onednn": ONEDNN}
+  if name not in named:
+    raise ValueError(f"ops must be one of {', '.join(OPS_NAMES)}, got {name!r}")
+  return named[name]
+
+
 def setup_process() -> dict:
   """What `train.py`, the tools and the benchmark do for themselves on CPU, before JAX starts
   its CPU backend: GNU OpenMP waits passively between oneDNN calls (`OMP_WAIT_POLICY=PASSIVE`
@@ -58,5 +73,5 @@ def setup_process() -> dict:
           "reuse_freed_memory": host_memory.reuse_freed_memory()}
 
 
-__all__ = ["FAST_XLA", "ONEDNN", "fast_ops", "host_memory", "onednn", "ops", "ops_for_backend",
-           "setup_process"]
+__all__ = ["FAST_XLA", "ONEDNN", "OPS_NAMES", "fast_ops", "host_memory", "onednn", "ops",
+           "ops_for_backend", "ops_named", "setup_process"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from googlenet_jax import variants
+from googlenet_jax import cpu, variants
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
@@ -37,8 +37,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     problems.append("float64 and half_precision exclude each other")
   if config.get("float64") and not jax.config.jax_enable_x64:
     problems.append("float64 needs jax_enable_x64 (train.py turns it on for --config.float64)")
-  if config.get("ops", "auto") not in ("auto", "lax", "cpu-xla", "cpu-onednn"):
-    problems.append(f"ops must be auto, lax, cpu-xla or cpu-onednn, got {config.ops!r}")
+  if config.get("ops", "auto") not in cpu.OPS_NAMES:
+    problems.append(f"ops must be one of {', '.join(cpu.OPS_NAMES)}, got {config.ops!r}")
   if config.image_size < 16:
     problems.append(f"image_size {config.image_size} is too small for a stride-32 network")
   if not (config.get("num_train_steps") or 0) > 0 and not config.num_epochs > 0:
