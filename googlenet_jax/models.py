@@ -13,11 +13,12 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from googlenet_jax import layers
+from googlenet_jax import layers, shapes
 from googlenet_jax import variants as V
 from googlenet_jax.ops import LAX, Ops
+# feature_map_sizes: part of this module's API (the summary tool reads it here).
+from googlenet_jax.shapes import EMBEDDING, feature_map_sizes, stage_pool  # noqa: F401
 
 Dtype = Any
 ModuleDef = Any
@@ -84,49 +85,6 @@ INITIALIZERS = {
     "glorot": Initializers(nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
                            _constant_bias(0.0), _constant_bias(0.0)),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Static shape arithmetic (used for input checks before tracing, and by the summary tool).
-
-
-def stage_pool(layout: V.Layout, name: str) -> tuple[int, int, layers.Padding, bool]:
-  """(window, stride, padding, ceil_mode) of one of the stride-2 max pools."""
-  window = layout.maxpool4_window if name == "maxpool4" else 3
-  if layout.pool == "ceil":
-    return window, 2, 0, True
-  if layout.pool == "floor_pad1":
-    return window, 2, 1, False
-  return window, 2, "SAME", False
-
-
-def feature_map_sizes(layout: V.Layout, height: int, width: int) -> dict[str, tuple[int, int]]:
-  """Spatial size after every row of Table 1 for an input of `height` x `width`."""
-  sizes, hw = {}, (height, width)
-  for row in V.TABLE_1:
-    if isinstance(row, V.Conv):
-      pad = "SAME" if layout.same_padding else row.kernel // 2
-      hw = tuple(layers.out_size(n, row.kernel, row.stride, pad) for n in hw)
-    elif isinstance(row, V.MaxPool):
-      hw = tuple(layers.out_size(n, *stage_pool(layout, row.name)) for n in hw)
-    sizes[row.name] = hw
-  return sizes
-
-
-def _aux_input_ok(layout: V.Layout, hw: tuple[int, int]) -> bool:
-  if layout.aux_pool == "adaptive4":
-    return min(hw) >= 1
-  return all(n >= 5 and layers.out_size(n, 5, 3, 0) == 4 for n in hw)
-
-
-def _input_sizes_that(ok: Callable[[dict], bool], layout: V.Layout) -> str:
-  good = [n for n in range(1, 513) if ok(feature_map_sizes(layout, n, n))]
-  if not good:
-    return "none up to 512"
-  return f"{good[0]}-{good[-1]}" if good[-1] - good[0] + 1 == len(good) else f"from {good[0]}"
-
-
-EMBEDDING = "embedding"  # the last of the `features`: the pooled vector the classifier reads
 
 
 def feature_names(variant: str = "classic") -> tuple[str, ...]:
@@ -235,66 +193,7 @@ class GoogLeNet(nn.Module):
   def check_input(self, x: Any, train: bool, upto: Optional[str] = None) -> None:
     """Raise a ValueError naming what was expected, before anything is traced. `upto`: the
     last stage computed (`features`); None: the whole network."""
-    layout = self.layout
-    desc = f"GoogLeNet(variant={layout.name!r})"
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) != 4:
-      raise ValueError(f"{desc} expects NHWC images of rank 4 (batch, height, width, "
-                       f"{layout.in_channels}), got {'shape ' + str(tuple(shape)) if shape is not None else type(x).__name__}")
-    if shape[-1] != layout.in_channels:
-      fix = ("; if it is NCHW, transpose it: x.transpose(0, 2, 3, 1)"
-             if shape[1] == layout.in_channels else "")
-      raise ValueError(f"{desc} expects {layout.in_channels} input channel(s) in the last (NHWC) "
-                       f"axis, got shape {tuple(shape)}{fix}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{desc} expects floating-point images, got dtype {x.dtype}; convert "
-                       "(and normalise) them first, e.g. x.astype(jnp.float32) / 255")
-    sizes = feature_map_sizes(layout, shape[1], shape[2])
-    if upto not in (None, EMBEDDING):  # only the stages up to `upto` run
-      names = [row.name for row in V.TABLE_1]
-      sizes = {k: v for k, v in sizes.items() if names.index(k) <= names.index(upto)}
-    size_msg = f"{shape[1]}x{shape[2]}"
-    if min(min(hw) for hw in sizes.values()) < 1:
-      ok = lambda s: min(min(hw) for k, hw in s.items() if k in sizes) >= 1
-      stages = "stride-32 network" if upto in (None, EMBEDDING) else f"stages up to {upto}"
-      raise ValueError(f"{desc}: a {size_msg} input is too small for the {stages}; "
-                       f"it needs at least {_input_sizes_that(ok, layout).split('-')[0]} pixels")
-    if upto not in (None, EMBEDDING):
-      return
-    if layout.head_pool == "avg7" and sizes["inception_5b"] != (7, 7):
-      ok = lambda s: s["inception_5b"] == (7, 7)
-      raise ValueError(f"{desc} ends in a 7x7/1 average pool and needs a 7x7 map at "
-                       f"inception_5b; a {size_msg} input gives {sizes['inception_5b']}. "
-                       f"Square inputs that fit: {_input_sizes_that(ok, layout)}")
-    if train and self.has_aux and upto is None:
-      for tap, source in (("aux_after_4a", "inception_4a"), ("aux_after_4d", "inception_4d")):
-        if not _aux_input_ok(layout, sizes[source]):
-          ok = lambda s: _aux_input_ok(layout, s["inception_4a"])
-          raise ValueError(
-              f"{desc} in train mode feeds {tap} a {sizes[source]} map from a {size_msg} input; "
-              "its 5x5/3 average pool needs 14-16 pixels to give the 4x4 that fc1 expects. "
-              f"Square inputs that fit: {_input_sizes_that(ok, layout)}; or aux_logits=False")
-
-  def _check_variables(self, train: bool) -> None:
-    """Raise a ValueError with the fix when the bound variables do not fit this model: no aux
-    heads for a train-mode pass of a model with them, or a classifier for another number of
-    classes. Shapes only (trace time)."""
-    desc = f"GoogLeNet(variant={self.layout.name!r}, num_classes={self.num_classes})"
-    if not self.has_variable("params", "classifier"):
-      return  # Flax names what is missing
-    kernel = self.variables["params"]["classifier"]["kernel"]
-    classes = np.shape(kernel)[-1]  # static; jnp.shape is traced under jax2onnx
-    if classes != self.num_classes:
-      raise ValueError(
-          f"{desc} was given variables for {classes} classes; build the model with "
-          f"num_classes={classes}, or reuse the trunk for {self.num_classes} classes with "
-          "googlenet_jax.train.model_dir.merge_pretrained(fresh_variables, pretrained)")
-    if train and self.has_aux and not all(self.has_variable("params", name)
-                                          for name in ("aux_after_4a", "aux_after_4d")):
-      raise ValueError(
-          f"{desc} runs its auxiliary heads in train mode, but the variables have no auxiliary "
-          "heads (aux_after_4a, aux_after_4d; e.g. a torchvision state_dict saved with "
-          "aux_logits=False): build the model with aux_logits=False")
+    shapes.check_input(self.layout, x, upto, aux=train and upto is None and self.has_aux)
 
   def __call__(self, x: jax.Array, train: bool = False,
                deterministic: Optional[bool] = None) -> Any:
@@ -329,7 +228,7 @@ class GoogLeNet(nn.Module):
     initializing = self.is_initializing()
     self.check_input(x, train and not initializing, upto)
     if not initializing and upto is None:
-      self._check_variables(train)
+      shapes.check_variables(layout, self.num_classes, self.variables, train and self.has_aux)
     if deterministic is None:
       deterministic = not train
     # `init` creates every parameter, the aux heads included, whatever the mode.
@@ -365,7 +264,7 @@ class GoogLeNet(nn.Module):
                            name=row.name)(x, train)
       elif isinstance(row, V.AuxTap) and run_aux:
         tap = x
-        if initializing and not _aux_input_ok(layout, x.shape[1:3]):
+        if initializing and not shapes.aux_input_ok(layout, x.shape[1:3]):
           # Initialised at a size the aux heads cannot take: build them on a 14x14 map.
           tap = jnp.zeros((x.shape[0], 14, 14, x.shape[-1]), x.dtype)
         aux[row.name] = AuxHead(self.num_classes, layout, conv, aux_dropout, init,
