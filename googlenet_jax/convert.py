@@ -24,10 +24,12 @@ from googlenet_jax import variants as V
 
 # Flax conv-unit names inside an Inception block -> PyTorch names, per state_dict style.
 _BRANCHES = {
-    "module": {"conv_1x1": "branch1", "conv_3x3_reduce": "branch2.0", "conv_3x3": "branch2.1",
-               "conv_5x5_reduce": "branch3.0", "conv_5x5": "branch3.1", "pool_proj": "branch4.1"},
-    "sequential": {"conv_1x1": "p1_1", "conv_3x3_reduce": "p2_1", "conv_3x3": "p2_2",
-                   "conv_5x5_reduce": "p3_1", "conv_5x5": "p3_2", "pool_proj": "p4_2"},
+    V.TorchNames.MODULE: {
+        "conv_1x1": "branch1", "conv_3x3_reduce": "branch2.0", "conv_3x3": "branch2.1",
+        "conv_5x5_reduce": "branch3.0", "conv_5x5": "branch3.1", "pool_proj": "branch4.1"},
+    V.TorchNames.SEQUENTIAL: {
+        "conv_1x1": "p1_1", "conv_3x3_reduce": "p2_1", "conv_3x3": "p2_2",
+        "conv_5x5_reduce": "p3_1", "conv_5x5": "p3_2", "pool_proj": "p4_2"},
 }
 # d2l's nn.Sequential(b1, b2, b3, b4, b5, Linear): the stem's positions inside b1/b2 (ReLUs count).
 _D2L_STEM = {"conv1": "0.0", "conv2": "1.0", "conv3": "1.2"}
@@ -81,12 +83,13 @@ def _torch_modules(layout: V.Layout, aux: bool) -> Iterator[tuple[tuple[str, ...
   if style is None:
     raise ValueError(f"the {layout.name!r} layout has no PyTorch state_dict naming; PyTorch "
                      "conversion exists for 'classic', 'torchvision' and 'd2l'")
+  module = style is V.TorchNames.MODULE
   for row in V.TABLE_1:
     if isinstance(row, V.Conv):
-      yield (row.name,), row.name if style == "module" else _D2L_STEM[row.name], "conv_unit"
+      yield (row.name,), row.name if module else _D2L_STEM[row.name], "conv_unit"
     elif isinstance(row, V.Inception):
       stage, block = row.name[-2], row.name[-1]
-      prefix = (f"inception{stage}{block}" if style == "module"
+      prefix = (f"inception{stage}{block}" if module
                 else f"{int(stage) - 1}.{ord(block) - ord('a')}")
       for flax_name, torch_name in _BRANCHES[style].items():
         yield (row.name, flax_name), f"{prefix}.{torch_name}", "conv_unit"
@@ -95,14 +98,14 @@ def _torch_modules(layout: V.Layout, aux: bool) -> Iterator[tuple[tuple[str, ...
       yield (row.name, "conv"), f"{prefix}.conv", "conv_unit"
       yield (row.name, "fc1"), f"{prefix}.fc1", "aux_fc1"
       yield (row.name, "fc2"), f"{prefix}.fc2", "dense"
-  yield ("classifier",), "fc" if style == "module" else "5", "dense"
+  yield ("classifier",), "fc" if module else "5", "dense"
 
 
 def _entries(layout: V.Layout, aux: bool) -> list[_Entry]:
   out = []
   for path, prefix, kind in _torch_modules(layout, aux):
     if kind == "conv_unit":
-      conv = f"{prefix}.conv" if layout.torch_names == "module" else prefix
+      conv = f"{prefix}.conv" if layout.torch_names is V.TorchNames.MODULE else prefix
       out.append(_Entry("params", path + ("conv", "kernel"), f"{conv}.weight", _conv_to_flax,
                         _conv_to_torch))
       if layout.conv_bias:
@@ -140,7 +143,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _classifier_key(layout: V.Layout) -> str:
-  return "fc.weight" if layout.torch_names == "module" else "5.weight"
+  return "fc.weight" if layout.torch_names is V.TorchNames.MODULE else "5.weight"
 
 
 def _mismatch_report(state_dict: Mapping[str, Any], variant: str, num_classes: int,

@@ -65,25 +65,29 @@ class Initializers:
   classifier_bias: Callable[[int], Callable]
 
 
+_XAVIER_FAN_IN = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
 INITIALIZERS = {
     # torch: kaiming_normal_(fan_out, relu) for convs, N(0, 0.01) for linears, zero biases.
-    "kaiming": Initializers(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                            nn.initializers.normal(0.01), _constant_bias(0.0),
-                            _constant_bias(0.0)),
+    V.Init.KAIMING: Initializers(
+        nn.initializers.variance_scaling(2.0, "fan_out", "normal"), nn.initializers.normal(0.01),
+        _constant_bias(0.0), _constant_bias(0.0)),
     # Caffe bvlc_googlenet: xavier filler (uniform, variance 1/fan_in), bias 0.2, classifier 0.
-    "caffe": Initializers(nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-                          nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-                          _constant_bias(0.2), _constant_bias(0.0)),
+    V.Init.CAFFE: Initializers(
+        _XAVIER_FAN_IN, _XAVIER_FAN_IN, _constant_bias(0.2), _constant_bias(0.0)),
     # torchvision: trunc_normal_(std=0.01, a=-2, b=2); the bounds are absolute (200 std), so
     # this is a plain normal. Linear biases keep PyTorch's default.
-    "torchvision": Initializers(nn.initializers.normal(0.01), nn.initializers.normal(0.01),
-                                _torch_default_bias, _torch_default_bias),
+    V.Init.TORCHVISION: Initializers(
+        nn.initializers.normal(0.01), nn.initializers.normal(0.01),
+        _torch_default_bias, _torch_default_bias),
     # d2l's init_cnn: xavier_uniform_ weights, PyTorch default biases.
-    "xavier": Initializers(nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
-                           _torch_default_bias, _torch_default_bias),
+    V.Init.XAVIER: Initializers(
+        nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
+        _torch_default_bias, _torch_default_bias),
     # Keras defaults.
-    "glorot": Initializers(nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
-                           _constant_bias(0.0), _constant_bias(0.0)),
+    V.Init.GLOROT: Initializers(
+        nn.initializers.glorot_uniform(), nn.initializers.glorot_uniform(),
+        _constant_bias(0.0), _constant_bias(0.0)),
 }
 
 
@@ -135,7 +139,7 @@ class AuxHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, deterministic: bool) -> jax.Array:
-    if self.layout.aux_pool == "adaptive4":
+    if self.layout.aux_pool is V.AuxPool.ADAPTIVE4:
       x = layers.adaptive_avg_pool(x, 4)
     else:
       x = layers.avg_pool(x, 5, 3, ops=self.ops)
@@ -276,7 +280,7 @@ class GoogLeNet(nn.Module):
         if row.name == upto:
           return feats
 
-    if layout.head_pool == "avg7":
+    if layout.head_pool is V.HeadPool.AVG7:
       x = layers.avg_pool(x, 7, 1, ops=self.ops).reshape(x.shape[0], -1)
     else:
       x = x.mean(axis=(1, 2))

@@ -20,9 +20,9 @@ EMBEDDING = "embedding"  # the last of the `features`: the pooled vector the cla
 def stage_pool(layout: V.Layout, name: str) -> tuple[int, int, layers.Padding, bool]:
   """(window, stride, padding, ceil_mode) of one of the stride-2 max pools."""
   window = layout.maxpool4_window if name == "maxpool4" else 3
-  if layout.pool == "ceil":
+  if layout.pool is V.Pool.CEIL:
     return window, 2, 0, True
-  if layout.pool == "floor_pad1":
+  if layout.pool is V.Pool.FLOOR_PAD1:
     return window, 2, 1, False
   return window, 2, "SAME", False
 
@@ -42,7 +42,7 @@ def feature_map_sizes(layout: V.Layout, height: int, width: int) -> dict[str, tu
 
 def aux_input_ok(layout: V.Layout, hw: tuple[int, int]) -> bool:
   """Whether an aux head's pool turns an `hw` map into the 4x4 its fc1 expects."""
-  if layout.aux_pool == "adaptive4":
+  if layout.aux_pool is V.AuxPool.ADAPTIVE4:
     return min(hw) >= 1
   return all(n >= 5 and layers.out_size(n, 5, 3, 0) == 4 for n in hw)
 
@@ -87,7 +87,7 @@ def check_input(layout: V.Layout, x: Any, upto: Optional[str] = None, aux: bool 
                      f"it needs at least {_input_sizes_that(ok, layout).split('-')[0]} pixels")
   if upto not in (None, EMBEDDING):
     return
-  if layout.head_pool == "avg7" and sizes["inception_5b"] != (7, 7):
+  if layout.head_pool is V.HeadPool.AVG7 and sizes["inception_5b"] != (7, 7):
     ok = lambda s: s["inception_5b"] == (7, 7)
     raise ValueError(f"{desc} ends in a 7x7/1 average pool and needs a 7x7 map at "
                      f"inception_5b; a {size_msg} input gives {sizes['inception_5b']}. "

@@ -8,6 +8,7 @@ Provenance of each choice: the README's Variants section (which framework each l
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import NamedTuple, Optional, Union
 
 
@@ -82,6 +83,49 @@ AUX_CONV_FEATURES = 128
 AUX_FC_FEATURES = 1024
 
 
+class Option(str, enum.Enum):
+  """A layout option: one of a fixed set of names, equal (and hashing equal) to its string, so
+  that configs and JSON that hold the strings keep working."""
+  __hash__ = str.__hash__
+
+  def __str__(self) -> str:
+    return self.value
+
+
+class Pool(Option):
+  """The stride-2 max pools between stages."""
+  CEIL = "ceil"  # 3x3/2, ceil_mode (PyTorch, Caffe)
+  FLOOR_PAD1 = "floor_pad1"  # 3x3/2, padding 1 (d2l)
+  SAME = "same"  # 3x3/2, TF 'SAME'
+
+
+class AuxPool(Option):
+  """The aux heads' pool to 4x4."""
+  AVG5S3 = "avg5s3"  # 5x5/3 average
+  ADAPTIVE4 = "adaptive4"  # PyTorch's adaptive average to 4x4
+
+
+class HeadPool(Option):
+  """The pool before the classifier."""
+  GLOBAL = "global"  # global mean
+  AVG7 = "avg7"  # 7x7/1 average, then flatten
+
+
+class Init(Option):
+  """The initialisers of a fresh model (`models.INITIALIZERS`)."""
+  KAIMING = "kaiming"
+  CAFFE = "caffe"
+  TORCHVISION = "torchvision"
+  XAVIER = "xavier"
+  GLOROT = "glorot"
+
+
+class TorchNames(Option):
+  """How a PyTorch state_dict of the layout names its entries."""
+  MODULE = "module"  # torchvision-style modules (conv1.conv, inception3a.branch1, ...)
+  SEQUENTIAL = "sequential"  # d2l's nn.Sequential indices
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How one variant realises Table 1. Defaults are the classic PyTorch course model."""
@@ -90,21 +134,32 @@ class Layout:
   batch_norm: bool = False  # conv (no bias) -> BatchNorm -> ReLU instead of conv(+bias) -> ReLU
   bn_epsilon: float = 1e-3
   same_padding: bool = False  # TF 'SAME' (asymmetric for even sizes) instead of explicit k//2
-  # Stride-2 max pools: "ceil" (3x3/2, ceil_mode, PyTorch/Caffe), "floor_pad1" (3x3/2, padding 1,
-  # d2l), "same" (3x3/2, TF 'SAME').
-  pool: str = "ceil"
+  pool: Pool = Pool.CEIL
   maxpool4_window: int = 3  # torchvision uses 2x2/2 before inception_5a
   lrn: bool = False
   conv_5x5_kernel: int = 5  # torchvision's branch is 3x3 (its "known bug", kept for its weights)
   aux_logits: bool = True  # whether the layout has auxiliary heads at all
-  aux_pool: str = "avg5s3"  # "avg5s3" (5x5/3 average) or "adaptive4" (PyTorch adaptive avg to 4x4)
+  aux_pool: AuxPool = AuxPool.AVG5S3
   aux_dropout_before_fc1: bool = True
   aux_dropout: float = 0.5
-  head_pool: str = "global"  # "global" mean, or "avg7" (7x7/1 average then flatten)
+  head_pool: HeadPool = HeadPool.GLOBAL
   dropout: float = 0.4
-  init: str = "kaiming"  # see `models.initializers`
-  torch_names: Optional[str] = "module"  # state_dict naming: "module", "sequential" (d2l), None
+  init: Init = Init.KAIMING
+  torch_names: Optional[TorchNames] = TorchNames.MODULE  # None: no PyTorch weights to convert
   default_size: int = 224
+
+  def __post_init__(self):
+    # The options given as strings become members; an unknown one is a ValueError here.
+    for field, option in (("pool", Pool), ("aux_pool", AuxPool), ("head_pool", HeadPool),
+                          ("init", Init), ("torch_names", TorchNames)):
+      value = getattr(self, field)
+      if value is None and field == "torch_names":
+        continue
+      try:
+        object.__setattr__(self, field, option(value))
+      except ValueError:
+        raise ValueError(f"Layout {self.name!r}: {field}={value!r} is not one of "
+                         f"{[str(o) for o in option]}") from None
 
   @property
   def conv_bias(self) -> bool:
@@ -117,19 +172,20 @@ LAYOUTS: dict[str, Layout] = {
     # Szegedy et al. 2014 / Caffe bvlc_googlenet.
     "paper": Layout(
         "paper", lrn=True, aux_dropout_before_fc1=False, aux_dropout=0.7,
-        head_pool="avg7", init="caffe", torch_names=None),
+        head_pool=HeadPool.AVG7, init=Init.CAFFE, torch_names=None),
     # torchvision.models.googlenet.
     "torchvision": Layout(
         "torchvision", batch_norm=True, maxpool4_window=2, conv_5x5_kernel=3,
-        aux_pool="adaptive4", aux_dropout_before_fc1=False, aux_dropout=0.7, dropout=0.2,
-        init="torchvision"),
+        aux_pool=AuxPool.ADAPTIVE4, aux_dropout_before_fc1=False, aux_dropout=0.7, dropout=0.2,
+        init=Init.TORCHVISION),
     # Dive into Deep Learning section 7.4: Fashion-MNIST, 1 channel, 96x96.
     "d2l": Layout(
-        "d2l", in_channels=1, pool="floor_pad1", aux_logits=False, dropout=0.0, init="xavier",
-        torch_names="sequential", default_size=96),
+        "d2l", in_channels=1, pool=Pool.FLOOR_PAD1, aux_logits=False, dropout=0.0,
+        init=Init.XAVIER, torch_names=TorchNames.SEQUENTIAL, default_size=96),
     # The reference TF2/Keras model of this layout ('same' padding and pools).
     "keras": Layout(
-        "keras", same_padding=True, pool="same", head_pool="avg7", init="glorot", torch_names=None),
+        "keras", same_padding=True, pool=Pool.SAME, head_pool=HeadPool.AVG7, init=Init.GLOROT,
+        torch_names=None),
 }
 
 
