@@ -225,7 +225,8 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from googlenet_jax.convert import torch_to_flax  # pylint: disable=import-outside-toplevel
   from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline, model_dir  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   cli.enable_compilation_cache()
   cli.configure_logging("%(asctime)s %(levelname)s %(message)s")
   input_pipeline.keep_tensorflow_off_accelerators()

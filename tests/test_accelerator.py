@@ -19,7 +19,7 @@ import pytest
 from configs import default
 from googlenet_jax import cpu
 from googlenet_jax.cpu import onednn
-from googlenet_jax.train import model_dir
+from googlenet_jax import model_dir
 from googlenet_jax.train.parallel import Parallel
 from googlenet_jax.train.state import create_model, create_optimizer, create_train_state
 from googlenet_jax.train.steps import step_functions

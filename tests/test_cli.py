@@ -20,7 +20,7 @@ from configs import default
 from googlenet_jax import count_params
 from googlenet_jax.tools import convert
 from googlenet_jax.tools import evaluate, predict, summary
-from googlenet_jax.train import model_dir
+from googlenet_jax import model_dir
 from googlenet_jax.models import GoogLeNet
 from helpers import nchw_to_nhwc, rel_err, subprocess_env
 

@@ -18,7 +18,7 @@ import pytest
 from googlenet_jax import ops
 from googlenet_jax.models import GoogLeNet
 from googlenet_jax.tools import export
-from googlenet_jax.train import model_dir
+from googlenet_jax import model_dir
 from test_readme import readme_commands
 
 from helpers import subprocess_env

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from googlenet_jax.train import model_dir
+from googlenet_jax import model_dir
 
 from helpers import subprocess_env
 

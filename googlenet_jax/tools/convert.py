@@ -15,7 +15,7 @@ from typing import Optional
 from googlenet_jax import variants as V
 from googlenet_jax.convert import (check_torch_layout, detect_variant, flax_to_torch,
                                    torch_to_flax)
-from googlenet_jax.train import model_dir
+from googlenet_jax import model_dir
 
 # How a converted model is fed, per variant (overridable by flags): input size, channels,
 # normalisation and the eval crop (torchvision's ImageNet weights: resize 256, centre 224,

@@ -178,7 +178,7 @@ def main() -> None:
       import jax  # pylint: disable=import-outside-toplevel
       jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     cli.setup()
-    from googlenet_jax.train import model_dir  # pylint: disable=import-outside-toplevel
+    from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
     with cli.user_errors():
       loaded = model_dir.load_for_inference(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config,
                                             use_ema=FLAGS.use_ema, ops=cli.model_ops())

@@ -305,7 +305,7 @@ def run(argv: Sequence[str], flags, setup: Callable[[], None] = cli.setup) -> in
   platforms = [p.strip().lower() for p in flags.platforms if p.strip()]
   check_flags(fmt, flags.out, platforms)
   setup()
-  from googlenet_jax.train import model_dir  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
   with cli.user_errors():
     loaded = model_dir.load_for_inference(flags.workdir, flags.checkpoint,
                                           getattr(flags, "config", None),

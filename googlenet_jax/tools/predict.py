@@ -91,7 +91,7 @@ def run(argv: Sequence[str], flags) -> int:
     cli.fail("no image files given: python -m googlenet_jax.tools.predict --workdir DIR IMAGE...")
   if flags.top_k < 1:
     cli.fail(f"--top_k must be >= 1, got {flags.top_k}")
-  from googlenet_jax.train import model_dir  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
   with cli.user_errors():
     loaded = model_dir.load_for_inference(flags.workdir, flags.checkpoint, flags.config,
                                           use_ema=flags.use_ema, ops=cli.model_ops())

@@ -28,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from googlenet_jax.train import model_dir
+from googlenet_jax import model_dir
 
 log = logging.getLogger("googlenet_jax")
 CHECKSUMS = "checksums.json"

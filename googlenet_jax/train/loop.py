@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from googlenet_jax import model_dir
 from googlenet_jax.ops import LAX, Ops
-from googlenet_jax.train import checkpointing, input_pipeline, model_dir
+from googlenet_jax.train import checkpointing, input_pipeline
 from googlenet_jax.train.config import validate_config
 from googlenet_jax.train.metrics import MetricWriter
 from googlenet_jax.train.parallel import Parallel

@@ -4,6 +4,7 @@ from a model directory)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -12,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from googlenet_jax import model_dir
 from googlenet_jax.cpu import compile_time
 from googlenet_jax.models import GoogLeNet
-from googlenet_jax.ops import LAX, Ops
-from googlenet_jax.train import model_dir
 
 AXIS = "batch"  # the data-parallel axis: devices under pmap, the mesh axis under shard_map
 log = logging.getLogger("googlenet_jax")
@@ -31,17 +31,8 @@ class TrainState:
   rng: jax.Array  # raw key data (uint32), so that checkpoints hold plain arrays
 
 
-def create_model(config, num_classes: int, ops: Ops = LAX) -> GoogLeNet:
-  """The config's network; `ops` as `GoogLeNet.ops` (`googlenet_jax.cpu.ops()` on CPU)."""
-  dtype = jnp.bfloat16 if config.half_precision else None
-  param_dtype = jnp.float32
-  if config.get("float64"):
-    dtype = param_dtype = jnp.float64
-  return GoogLeNet(variant=config.variant, num_classes=num_classes,
-                   aux_logits=config.get("aux_logits"), dtype=dtype, param_dtype=param_dtype,
-                   transform_input=config.get("transform_input", False),
-                   dropout=config.get("dropout"), aux_dropout=config.get("aux_dropout"),
-                   bn_axis_name=AXIS, ops=ops)
+# The network of a config: the one factory (googlenet_jax.model_dir), with cross-replica BatchNorm.
+create_model = functools.partial(model_dir.create_model, bn_axis_name=AXIS)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:

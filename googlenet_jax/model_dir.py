@@ -7,8 +7,11 @@
     DIR/best/<step>/         the best checkpoint (train.py with `keep_best`)
 
 Inference restores only `params` and `batch_stats` (or `ema_params`), never the optimiser state,
-onto one device, whatever the device count the checkpoint was written on. No TensorFlow here (the
-converter imports PyTorch, which must load before TensorFlow).
+onto one device, whatever the device count the checkpoint was written on. `create_model` is the
+one factory of the network a config describes, for inference and for training
+(`googlenet_jax.train.state`). Neither TensorFlow nor `googlenet_jax.train` is imported here (the
+converter imports PyTorch, which must load before TensorFlow); Orbax and ml_collections are
+imported where they are used.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def read_config(directory: str) -> Optional[dict]:
 
 def imagenet_class_names() -> list[str]:
   """The 1,000 ImageNet class names (package data, from torchvision's weights metadata)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_classes.txt")
+  path = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.txt")
   with open(path) as f:
     return [line.rstrip("\n") for line in f if line.strip()]
 
@@ -96,16 +99,26 @@ def class_names(record: dict) -> list[str]:
   return names[:n] + [f"class {i}" for i in range(len(names), n)]
 
 
-def create_model(record: dict, **overrides) -> GoogLeNet:
-  """The network a config record describes (eval use: no cross-replica axis)."""
-  fields = {k: record.get(k) for k in MODEL_FIELDS}
-  fields["transform_input"] = bool(fields["transform_input"])
-  fields.update(overrides)
-  if fields["variant"] not in variants.LAYOUTS:
-    raise ModelDirError(f"unknown variant {fields['variant']!r} in the model config; expected "
-                        f"one of {sorted(variants.LAYOUTS)}")
-  dtype = jnp.bfloat16 if record.get("half_precision") else None
-  return GoogLeNet(dtype=dtype, **fields)
+def create_model(config: Any, num_classes: Optional[int] = None, ops: Ops = LAX, *,
+                 bn_axis_name: Optional[str] = None) -> GoogLeNet:
+  """The network a config (a ConfigDict, or a config.json record) describes. `num_classes`
+  None: the config's; `ops` as `GoogLeNet.ops` (`googlenet_jax.cpu.ops()` on CPU);
+  `bn_axis_name` the mapped axis BatchNorm averages its batch statistics over in training (none
+  for inference). `float64` takes effect under `jax_enable_x64` (train.py turns it on)."""
+  variant = config.get("variant")
+  if variant not in variants.LAYOUTS:
+    raise ModelDirError(f"unknown variant {variant!r} in the model config; expected one of "
+                        f"{sorted(variants.LAYOUTS)}")
+  dtype = jnp.bfloat16 if config.get("half_precision") else None
+  param_dtype = jnp.float32
+  if config.get("float64") and jax.config.jax_enable_x64:
+    dtype = param_dtype = jnp.float64
+  return GoogLeNet(variant=variant,
+                   num_classes=int(config["num_classes"] if num_classes is None else num_classes),
+                   aux_logits=config.get("aux_logits"),
+                   transform_input=bool(config.get("transform_input", False)),
+                   dropout=config.get("dropout"), aux_dropout=config.get("aux_dropout"),
+                   dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name, ops=ops)
 
 
 # --------------------------------------------------------------------------------------------
