@@ -17,7 +17,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from googlenet_jax import cpu
-from googlenet_jax.cpu import onednn
+from googlenet_jax.cpu import onednn, onednn_build, onednn_check
 from googlenet_jax.ops import LAX, conv_pads
 from helpers import assert_conv_matches_lax, rel_err
 
@@ -184,7 +184,7 @@ def test_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatc
   blocked = tmp_path / "not_a_dir"
   blocked.write_text("a file where the cache directory should be")
   monkeypatch.setenv("GOOGLENET_JAX_CACHE", str(blocked / "cache"))
-  monkeypatch.setattr(onednn.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  monkeypatch.setattr(onednn_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   built = onednn._build()
   assert built.parent == tmp_path / "tmp" / f"googlenet_jax-{os.getuid()}" and built.exists()
 
@@ -253,9 +253,9 @@ def test_a_check_that_finds_wrong_values_is_reported(tmp_path):
 def test_the_check_is_cached_per_isa_cap(monkeypatch, tmp_path):
   library = tmp_path / "onednn_conv-0123.so"
   monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-  host = onednn._check_path(library)
+  host = onednn_check.check_path(library)
   monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
-  capped = onednn._check_path(library)
+  capped = onednn_check.check_path(library)
   monkeypatch.setenv("ONEDNN_VERBOSE", "1")  # logging only: the same kernels
-  assert onednn._check_path(library) == capped != host
+  assert onednn_check.check_path(library) == capped != host
   assert capped.parent == tmp_path and capped.name.startswith("onednn_conv-0123.check-")

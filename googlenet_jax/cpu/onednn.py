@@ -6,187 +6,43 @@ kind of CPU, by 1.3-1.6x in the forward pass and 2.5-4x in the two backward pass
 gradient, weight gradient) are oneDNN primitives called from the compiled XLA program; the rest
 of the network (bias, ReLU, pools, concatenation, the optimiser) stays XLA's.
 
-The small C++ shim (`csrc/onednn_conv.cc`) is compiled on first use (`available()`, which
-`googlenet_jax.cpu.ops()` calls) against the oneDNN wheel (`onednn-cpu-gomp`, the `cpu` extra,
-Linux x86-64) and jaxlib's FFI headers, into
-`$GOOGLENET_JAX_CACHE` (default `~/.cache/googlenet_jax`), keyed by the source and the
-versions. Before a process uses it, a child process checks the three passes against `lax`
-on this machine (several threads, the implementations oneDNN picks for this CPU and
-`ONEDNN_MAX_CPU_ISA`); the verdict is cached per CPU model, ISA cap and library versions, so a
-native crash or a wrong result there costs the child, never the caller. `available()` says
-whether all of that worked; where it did not (no compiler, no wheel, another platform, a failed
-check) the callers keep the pure-XLA paths, with one warning saying why.
-`GOOGLENET_JAX_ONEDNN=0` switches it off. `python -m googlenet_jax.cpu.onednn` runs the check in the
-foreground and prints what oneDNN picks for each pass.
+On first use (`available()`, which `googlenet_jax.cpu.ops()` calls) the small C++ shim is built
+(`onednn_build`), checked against `lax` in a child process (`onednn_check`: a native crash or a
+wrong result there costs the child, never the caller; the verdict is cached per CPU model, ISA
+cap and library versions), then loaded and registered here. `available()` says whether all of
+that worked; where it did not (no compiler, no wheel, another platform, a failed check) the
+callers keep the pure-XLA paths, with one warning saying why. `GOOGLENET_JAX_ONEDNN=0` switches
+it off. `python -m googlenet_jax.cpu.onednn` runs the check in the foreground and prints what
+oneDNN picks for each pass.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
-import json
 import os
-import pathlib
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import warnings
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-_SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
+from googlenet_jax.cpu import onednn_check
+from googlenet_jax.cpu.onednn_build import DISTRIBUTIONS
+from googlenet_jax.cpu.onednn_build import build as _build
+from googlenet_jax.cpu.onednn_check import SELF_CHECK_CASES, cpu_model, isa_settings
+
 _TARGETS = {"forward": "GjOnednnConvForward", "backward_data": "GjOnednnConvBackwardData",
             "backward_weights": "GjOnednnConvBackwardWeights"}
 _PREFIX = "googlenet_jax_onednn_conv_"
-_DISTRIBUTIONS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
+# What the checking child runs (tests replace it with a crash, to test the fallback).
+_CHECK_CODE = "from googlenet_jax.cpu import onednn; raise SystemExit(onednn.self_check())"
 
 
 def _env_disabled() -> bool:
   return os.environ.get("GOOGLENET_JAX_ONEDNN", "").strip().lower() in ("0", "false", "no", "off")
-
-
-def _dist_file(dist: str, name: str) -> Optional[pathlib.Path]:
-  try:
-    files = importlib.metadata.distribution(dist).files or ()
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  for f in files:
-    if f.name == name or str(f).endswith(name):
-      return pathlib.Path(f.locate()).resolve()
-  return None
-
-
-def _locate() -> tuple[pathlib.Path, pathlib.Path]:
-  """(include dir, lib dir) of the oneDNN wheels."""
-  header = _dist_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
-  library = _dist_file("onednn-cpu-gomp", "libdnnl.so.3")
-  if header is None or library is None:
-    raise RuntimeError(f"the oneDNN wheels are not installed ({', '.join(_DISTRIBUTIONS)}): "
-                       "install googlenet_jax[cpu] (pip install 'googlenet_jax[cpu]')")
-  return header.parent.parent.parent, library.parent
-
-
-def _cache_dir() -> pathlib.Path:
-  root = os.environ.get("GOOGLENET_JAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "googlenet_jax")
-  return pathlib.Path(root)
-
-
-def _build() -> pathlib.Path:
-  include, libdir = _locate()
-  ffi_include = pathlib.Path(jax.ffi.include_dir())
-  versions = [importlib.metadata.version(d) for d in _DISTRIBUTIONS]
-  versions.append(importlib.metadata.version("jaxlib"))
-  digest = hashlib.sha256(_SOURCE.read_bytes() + repr((versions, str(libdir))).encode())
-  target = _cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
-  if target.exists():
-    return target
-  try:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(target.parent, os.W_OK):
-      raise PermissionError(target.parent)
-  except OSError:  # a read-only home: build in the temporary directory instead
-    fallback = pathlib.Path(tempfile.gettempdir()) / f"googlenet_jax-{os.getuid()}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    target = fallback / target.name
-    if target.exists():
-      return target
-  compiler = os.environ.get("CXX", "g++")
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    out = pathlib.Path(tmp) / target.name
-    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
-           f"-I{ffi_include}", f"-I{include}", f"-L{libdir}", "-l:libdnnl.so.3",
-           f"-Wl,-rpath,{libdir}", "-o", str(out)]
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-      raise RuntimeError(f"could not run the C++ compiler {compiler!r}: {e}") from None
-    if proc.returncode != 0:
-      raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
-    os.replace(out, target)  # atomic: concurrent builders each install a complete file
-  return target
-
-
-# --------------------------------------------------------------------------------------------
-# The check in a child process.
-
-# Set in the checking child, which must not check itself again.
-_CHILD_ENV = "_GOOGLENET_JAX_ONEDNN_CHECKING"
-# What the child runs (tests replace it with a crash, to test the fallback).
-_CHECK_CODE = "from googlenet_jax.cpu import onednn; raise SystemExit(onednn.self_check())"
-_CHECK_TIMEOUT_S = 300
-
-
-def _cpu_model() -> str:
-  """The CPU's model name and instruction-set flags (what oneDNN's dispatch depends on)."""
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    import platform  # pylint: disable=import-outside-toplevel
-    return platform.processor() or platform.machine()
-  fields = {}
-  for line in text.split("\n\n")[0].splitlines():
-    key, _, value = line.partition(":")
-    fields[key.strip()] = value.strip()
-  return f"{fields.get('model name', '?')} [{fields.get('flags', '')}]"
-
-
-def _isa_settings() -> dict:
-  """The environment variables that change which kernels oneDNN dispatches to."""
-  return {k: v for k, v in sorted(os.environ.items())
-          if k.startswith(("ONEDNN_", "DNNL_")) and "VERBOSE" not in k}
-
-
-def _check_path(library: pathlib.Path) -> pathlib.Path:
-  key = repr((library.name, _cpu_model(), _isa_settings(), sys.version_info[:2]))
-  return library.with_name(f"{library.stem}.check-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
-
-
-def _describe_exit(returncode: int) -> str:
-  if returncode < 0:
-    try:
-      return f"the check process was killed by {signal.Signals(-returncode).name}"
-    except ValueError:
-      return f"the check process was killed by signal {-returncode}"
-  return f"the check process exited with status {returncode}"
-
-
-def _check(library: pathlib.Path) -> Optional[str]:
-  """Runs `self_check` in a child process (once per machine, ISA cap and library); None when
-  it passed, else what went wrong. The verdict is cached next to the library."""
-  path = _check_path(library)
-  try:
-    verdict = json.loads(path.read_text())
-    return verdict.get("failure")
-  except (OSError, ValueError, AttributeError):
-    pass
-  env = dict(os.environ, **{_CHILD_ENV: "1"})
-  try:
-    proc = subprocess.run([sys.executable, "-c", _CHECK_CODE], env=env, capture_output=True,
-                          text=True, timeout=_CHECK_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    return f"the check did not finish in {_CHECK_TIMEOUT_S} s (not cached: tried again next time)"
-  except OSError as e:
-    return f"could not start the check process: {e}"
-  failure = None
-  if proc.returncode != 0:
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-    failure = _describe_exit(proc.returncode) + (": " + " | ".join(tail) if tail else "")
-  record = {"failure": failure, "cpu": _cpu_model(), "isa_settings": _isa_settings(),
-            "library": library.name}
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-  try:
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-  except OSError:
-    pass  # an unwritable cache: the check runs again in the next process
-  return failure
 
 
 _LIB: Optional[ctypes.CDLL] = None
@@ -203,11 +59,11 @@ def _load() -> Optional[str]:
     library = _build()
   except Exception as e:  # pylint: disable=broad-except
     return f"{type(e).__name__}: {e}"
-  if not os.environ.get(_CHILD_ENV):
-    failure = _check(library)
+  if not os.environ.get(onednn_check.CHILD_ENV):
+    failure = onednn_check.check(library, _CHECK_CODE)
     if failure is not None:
-      settings = ", ".join(f"{k}={v}" for k, v in _isa_settings().items()) or "no ISA cap"
-      return (f"they failed their check on this machine ({_cpu_model().split(' [')[0]}; "
+      settings = ", ".join(f"{k}={v}" for k, v in isa_settings().items()) or "no ISA cap"
+      return (f"they failed their check on this machine ({cpu_model().split(' [')[0]}; "
               f"{settings}): {failure}. Please report it to the googlenet_jax maintainers with "
               f"the output of `python -m googlenet_jax.cpu.onednn`")
   try:
@@ -350,82 +206,23 @@ def implementations(x_shape: Sequence[int], w_shape: Sequence[int], stride: int,
   return out
 
 
-# (batch, height, width, c_in, c_out, kernel, stride, padding): the kinds of convolution the
-# five layouts have (1x1, 3x3, 5x5, the 7x7/2 stem, stride 2 without padding, small maps with
-# many channels, where oneDNN turns to its gemm-based kernels), at batch 1 and 8.
-SELF_CHECK_CASES = (
-    (8, 9, 9, 32, 16, 1, 1, 0),
-    (1, 8, 8, 16, 24, 3, 1, 1),
-    (8, 7, 7, 8, 16, 5, 1, 2),
-    (8, 23, 23, 3, 16, 7, 2, 3),
-    (1, 11, 11, 12, 8, 3, 2, 0),
-    (8, 2, 2, 192, 96, 3, 1, 1),
-    (8, 4, 4, 512, 64, 1, 1, 0),
-    (1, 4, 4, 160, 32, 3, 1, 1),
-)
-
-
 def self_check(repeats: int = 3, threads: int = 2) -> int:
-  """The three passes of `SELF_CHECK_CASES` against `lax`, in one jitted program (XLA runs its
-  custom calls on several threads) called from `threads` threads at once, `repeats` times.
-  Prints what differs and returns 1, or returns 0. Run in a child process by `available()`:
-  a crash here is a crash of that child."""
-  from jax import lax  # pylint: disable=import-outside-toplevel
+  """`onednn_check.compare_with_lax` of `conv2d`: the three passes of `SELF_CHECK_CASES`
+  against `lax`, from `threads` threads, `repeats` times; 0 when they match, else 1 (printing
+  why). Run in a child process by `available()`: a crash here is a crash of that child."""
   reason = _load()
   if reason is not None:
     print(f"oneDNN convolutions unavailable: {reason}")
     return 1
-  rng = np.random.RandomState(0)
-  operands, configs = [], []
-  for n, h, w, ci, co, k, stride, pad in SELF_CHECK_CASES:
-    x = rng.randn(n, h, w, ci).astype(np.float32)
-    kernel = rng.randn(k, k, ci, co).astype(np.float32)
-    pads = ((pad, pad), (pad, pad))
-    dy = rng.randn(n, *_out_hw(x.shape, kernel.shape, stride, pads), co).astype(np.float32)
-    operands.append((x, kernel, dy))
-    configs.append((stride, pads))
-
-  def passes(conv):
-    def run(all_operands):
-      out = []
-      for (x, kernel, dy), (stride, pads) in zip(all_operands, configs):
-        y, vjp = jax.vjp(lambda a, b, s=stride, p=pads: conv(a, b, s, p), x, kernel)
-        out.append((y, *vjp(dy)))
-      return out
-    return jax.jit(run)
-
-  reference = passes(lambda a, b, s, p: lax.conv_general_dilated(
-      a, b, (s, s), p, dimension_numbers=("NHWC", "HWIO", "NHWC")))(operands)
-  check = passes(conv2d)
-  failures = []
-
-  def worker():
-    for _ in range(repeats):
-      got = jax.block_until_ready(check(operands))
-      for case, outs, refs in zip(SELF_CHECK_CASES, got, reference):
-        for name, g, r in zip(("forward", "input gradient", "weight gradient"), outs, refs):
-          r = np.asarray(r, np.float64)
-          err = float(np.linalg.norm(np.asarray(g, np.float64) - r) / np.linalg.norm(r))
-          if not err <= 1e-4:
-            failures.append(f"{name} of case {case}: relative error {err:.2e}")
-
-  pool = [threading.Thread(target=worker) for _ in range(threads)]
-  for t in pool:
-    t.start()
-  for t in pool:
-    t.join()
-  if failures:
-    print("oneDNN convolutions differ from lax: " + "; ".join(sorted(set(failures))[:5]))
-    return 1
-  return 0
+  return onednn_check.compare_with_lax(conv2d, repeats, threads)
 
 
 def _main() -> int:
-  print(f"CPU: {_cpu_model()}")
-  print(f"ISA settings: {_isa_settings() or 'none'}")
+  print(f"CPU: {cpu_model()}")
+  print(f"ISA settings: {isa_settings() or 'none'}")
   print("versions: " + ", ".join(f"{d} {importlib.metadata.version(d)}"
-                                 for d in (*_DISTRIBUTIONS, "jax", "jaxlib")))
-  os.environ[_CHILD_ENV] = "1"  # check here, in the foreground
+                                 for d in (*DISTRIBUTIONS, "jax", "jaxlib")))
+  os.environ[onednn_check.CHILD_ENV] = "1"  # check here, in the foreground
   reason = _load()
   if reason is not None:
     print(f"unavailable: {reason}")
