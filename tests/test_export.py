@@ -273,7 +273,7 @@ def test_googlenet_jax_dispatches_to_each_tool(tmp_path, monkeypatch, capsys):
     main.main(["nonsense"])
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.startswith("error: unknown tool 'nonsense'")
-  main.main(["summary", "--variant", "paper", "--size", "224", "--json"])  # argparse
+  main.main(["summary", "--variant", "paper", "--size", "224", "--json"])  # cli.parse_flags
   assert json.loads(capsys.readouterr().out)["rows"]
   # absl: the installed console script, the tool's docstring and flags in its help, and a usage
   # error caught before any set-up.

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 USAGE_ERROR = 2
 
@@ -161,6 +161,28 @@ def define_model_flags(flags) -> None:
                       "googlenet_jax.tools.convert's --out): its newest checkpoint.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
                       "DIR/best/STEP) instead of --workdir.")
+
+
+def parse_flags(define: Callable[[Any], None], argv: Optional[Sequence[str]] = None,
+                doc: str = "") -> tuple[Any, list[str]]:
+  """A tool's absl flags, in a FlagValues of their own (a tool can run twice in one process):
+  `define(flag_values)` defines them, `argv` (default sys.argv) is parsed. --help / -h prints
+  `doc` and the flags on stdout and exits 0; an unknown flag or a bad value is `error: ...` and
+  exit status 2. Returns (the flag values, the other arguments after the program name)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  values = flags.FlagValues()
+  flags.DEFINE_bool("help", False, "Show this help.", short_name="h", flag_values=values)
+  define(values)
+  argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
+  try:
+    rest = values(argv)
+  except flags.Error as e:
+    fail(str(e))
+  if values.help:
+    lines = values.get_help(include_special_flags=False).splitlines()
+    print(doc.rstrip() + "\n\nflags:\n" + "\n".join(l for l in lines if l.startswith(" ")))
+    sys.exit(0)
+  return values, rest[1:]
 
 
 def fail(message: str) -> None:

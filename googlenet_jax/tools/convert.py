@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Optional
 
+from googlenet_jax import model_dir
 from googlenet_jax import variants as V
 from googlenet_jax.convert import (check_torch_layout, detect_variant, flax_to_torch,
                                    torch_to_flax)
-from googlenet_jax import model_dir
+from googlenet_jax.tools import cli
 
 # How a converted model is fed, per variant (overridable by flags): input size, channels,
 # normalisation and the eval crop (torchvision's ImageNet weights: resize 256, centre 224,
@@ -94,47 +96,51 @@ def model_dir_to_torch_file(checkpoint: str, out: str, variant: Optional[str] = 
   return step_dir
 
 
+def define_flags(values) -> None:
+  """The command's flags, in the absl FlagValues `values`."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  define = dict(flag_values=values)
+  flags.DEFINE_string("torch", None, "PyTorch state_dict to convert (FILE.pth).", **define)
+  flags.DEFINE_enum("variant", None, sorted(k for k, l in V.LAYOUTS.items()
+                                            if l.torch_names is not None),
+                    "Layout of the state_dict (default with --torch: the one it fits).", **define)
+  flags.DEFINE_string("out", None, "New model directory (with --torch).", **define)
+  flags.DEFINE_integer("num_classes", None, "Default: the state_dict's.", **define)
+  flags.DEFINE_string("class_names", None, "Class names, one a line (default: ImageNet's for "
+                      "1000 classes).", **define)
+  flags.DEFINE_integer("image_size", None, "Input size predict/evaluate use.", **define)
+  flags.DEFINE_enum("normalize", None, ["imagenet", "half", "unit"],
+                    "Input normalisation the weights expect.", **define)
+  flags.DEFINE_float("eval_crop_fraction", None, "Centre crop fraction (0.875: resize 256, crop "
+                     "224; 1: no crop).", **define)
+  flags.DEFINE_enum("transform_input", None, ["true", "false"], "torchvision's input "
+                    "re-normalisation (default: on for torchvision, as its ImageNet weights "
+                    "expect).", **define)
+  flags.DEFINE_string("checkpoint", None, "Model directory or checkpoint step to export (with "
+                      "--to-torch).", **define)
+  flags.DEFINE_string("to-torch", None, "Write the checkpoint's weights as a PyTorch state_dict "
+                      "(FILE.pth).", **define)
+  flags.DEFINE_bool("use_ema", False, "Export the EMA weights.", **define)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-  import argparse  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(
-      prog="python -m googlenet_jax.tools.convert",
-      description="PyTorch state_dict <-> model directory (config.json + Orbax checkpoint).")
-  parser.add_argument("--torch", metavar="FILE.pth", help="PyTorch state_dict to convert")
-  parser.add_argument("--variant", choices=sorted(k for k, l in V.LAYOUTS.items()
-                                                  if l.torch_names is not None),
-                      help="layout of the state_dict (default with --torch: the one it fits)")
-  parser.add_argument("--out", metavar="DIR", help="new model directory (with --torch)")
-  parser.add_argument("--num_classes", type=int, help="default: the state_dict's")
-  parser.add_argument("--class_names", metavar="FILE",
-                      help="class names, one a line (default: ImageNet's for 1000 classes)")
-  parser.add_argument("--image_size", type=int, help="input size predict/evaluate use")
-  parser.add_argument("--normalize", choices=("imagenet", "half", "unit"),
-                      help="input normalisation the weights expect")
-  parser.add_argument("--eval_crop_fraction", type=float,
-                      help="centre crop fraction (0.875: resize 256, crop 224; 1: no crop)")
-  parser.add_argument("--transform_input", choices=("true", "false"),
-                      help="torchvision's input re-normalisation (default: on for torchvision, "
-                      "as its ImageNet weights expect)")
-  parser.add_argument("--checkpoint", metavar="DIR",
-                      help="model directory or checkpoint step to export (with --to-torch)")
-  parser.add_argument("--to-torch", dest="to_torch", metavar="FILE.pth",
-                      help="write the checkpoint's weights as a PyTorch state_dict")
-  parser.add_argument("--use_ema", action="store_true", help="export the EMA weights")
-  args = parser.parse_args(argv)
+  """The command on `argv` (default: sys.argv's arguments); usage errors exit with status 2."""
+  args, rest = cli.parse_flags(define_flags, argv, __doc__)
+  if rest:
+    cli.fail(f"unexpected arguments: {' '.join(rest)}")
+  to_torch = args["to-torch"].value
   try:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    print("error: converting PyTorch files needs PyTorch: install googlenet_jax[convert] "
-          "(pip install 'googlenet_jax[convert]')", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("converting PyTorch files needs PyTorch: install googlenet_jax[convert] "
+             "(pip install 'googlenet_jax[convert]')")
   try:
     if args.torch:
-      if args.checkpoint or args.to_torch:
-        parser.error("--torch goes with --variant and --out; --checkpoint with --to-torch")
+      if args.checkpoint or to_torch:
+        cli.fail("--torch goes with --variant and --out; --checkpoint with --to-torch")
       if not args.out:
-        parser.error("--torch needs --out (and --variant, unless the file's layout is to be "
-                     "detected)")
+        cli.fail("--torch needs --out (and --variant, unless the file's layout is to be "
+                 "detected)")
       names = None
       if args.class_names:
         with open(args.class_names) as f:
@@ -145,12 +151,11 @@ def main(argv: Optional[list[str]] = None) -> None:
           eval_crop_fraction=args.eval_crop_fraction,
           transform_input=None if args.transform_input is None else args.transform_input == "true")
       print(f"wrote {step_dir} and {os.path.join(args.out, 'config.json')}")
-    elif args.checkpoint and args.to_torch:
-      step_dir = model_dir_to_torch_file(args.checkpoint, args.to_torch, args.variant,
-                                         args.use_ema)
-      print(f"wrote {args.to_torch} from {step_dir}")
+    elif args.checkpoint and to_torch:
+      step_dir = model_dir_to_torch_file(args.checkpoint, to_torch, args.variant, args.use_ema)
+      print(f"wrote {to_torch} from {step_dir}")
     else:
-      parser.error("give --torch FILE --variant V --out DIR, or --checkpoint DIR --to-torch FILE")
+      cli.fail("give --torch FILE --variant V --out DIR, or --checkpoint DIR --to-torch FILE")
   except (ValueError, OSError) as e:
     # The library's fixes name keyword arguments; here the flag is what the user passes.
     msg = re.sub(r"\bpass variant='(\w+)'", r"pass --variant \1", str(e))

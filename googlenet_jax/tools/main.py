@@ -7,7 +7,7 @@
   googlenet-jax export --workdir DIR --format F --out PATH  (googlenet_jax.tools.export)
 
 `googlenet-jax TOOL ARGS...` is `python -m googlenet_jax.tools.TOOL ARGS...`: the tool parses
-ARGS itself (absl flags or argparse), `googlenet-jax TOOL --help` shows its flags.
+ARGS itself (absl flags), `googlenet-jax TOOL --help` shows its flags.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"error: unknown tool {tool!r}; expected one of {', '.join(TOOLS)}", file=sys.stderr)
     sys.exit(2)
   # Run as `python -m` would: the tool is __main__ and reads sys.argv, as absl's app.run
-  # (predict, evaluate, export) and argparse (convert, summary) both do; its --help then shows
-  # its docstring and flags.
+  # (predict, evaluate, export) and `cli.parse_flags` (convert, summary) both do; its --help
+  # then shows its docstring and flags.
   sys.argv = [f"{PROG} {tool}"] + rest
   runpy.run_module(f"googlenet_jax.tools.{tool}", run_name="__main__", alter_sys=True)
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from typing import Optional
 
 from googlenet_jax import variants as V
+from googlenet_jax.tools import cli
 
 AUX_KIND = "aux head (training only)"
 K = 1024  # the paper's "K" for parameters
@@ -208,22 +208,25 @@ def render(rows: list[Row], variant: str, size: int, markdown: bool = False) -> 
   return "\n".join(lines)
 
 
+def define_flags(values) -> None:
+  """The command's flags, in the absl FlagValues `values`."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  define = dict(flag_values=values)
+  flags.DEFINE_enum("variant", "paper", sorted(V.LAYOUTS), "The layout.", **define)
+  flags.DEFINE_integer("size", None, "Input height = width (default: the layout's, 224 or 96).",
+                       **define)
+  flags.DEFINE_integer("classes", 1000, "Classifier outputs.", **define)
+  flags.DEFINE_bool("markdown", False, "A Markdown table.", **define)
+  flags.DEFINE_bool("json", False, "Rows and totals as JSON.", **define)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog="python -m googlenet_jax.tools.summary",
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variant", default="paper", choices=sorted(V.LAYOUTS))
-  parser.add_argument("--size", type=int, default=None,
-                      help="input height = width (default: the layout's, 224 or 96)")
-  parser.add_argument("--classes", type=int, default=1000, help="classifier outputs")
-  parser.add_argument("--markdown", action="store_true", help="a Markdown table")
-  parser.add_argument("--json", action="store_true", help="rows and totals as JSON")
-  args = parser.parse_args(argv)
-  try:
+  """The command on `argv` (default: sys.argv's arguments); usage errors exit with status 2."""
+  args, rest = cli.parse_flags(define_flags, argv, __doc__)
+  if rest:
+    cli.fail(f"unexpected arguments: {' '.join(rest)}")
+  with cli.user_errors():
     rows = table(args.variant, args.size, args.classes)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   size = args.size or V.get_layout(args.variant).default_size
   if args.json:
     print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "totals": totals(rows)},
