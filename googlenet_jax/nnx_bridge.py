@@ -114,10 +114,11 @@ def to_nnx(model: GoogLeNet, variables: Optional[Mapping[str, Any]] = None, *,
   `model.init`, `convert.torch_to_flax` or `model_dir.load_for_inference` give them).
 
   Without `variables` the parameters are `googlenet_jax.init_variables(model,
-  rngs["params"](), sample_shape)`: the linen initialisation, key for key, compiled fast. `rngs` also gives the dropout stream ("dropout", else
-  "default"). `sample_shape` (default: one image of the variant's default size) is the input
-  the variables are shaped for (`nnx.bridge.lazy_init` runs on it under `nnx.eval_shape`:
-  tracing only). ValueError names any variable missing, unexpected or mis-shaped."""
+  rngs["params"](), sample_shape)`: the linen initialisation, key for key, compiled fast.
+  `rngs` also gives the dropout stream ("dropout", else "default"). `sample_shape` (default:
+  one image of the variant's default size) is the input the variables are shaped for
+  (`nnx.bridge.lazy_init` runs on it under `nnx.eval_shape`: tracing only). ValueError names
+  any variable missing, unexpected or mis-shaped."""
   layout = model.layout
   if sample_shape is None:
     sample_shape = (1, layout.default_size, layout.default_size, layout.in_channels)
