@@ -90,7 +90,7 @@ def torch_model(config, num_classes: int, seed: int) -> torch.nn.Module:
   torch.manual_seed(seed)
   kwargs = {}
   for name, key in (("dropout", "dropout"), ("dropout_aux", "aux_dropout")):
-    if config.get(key) is not None:
+    if config[key] is not None:
       kwargs[name] = config[key]
   return torchvision.models.googlenet(
       weights=None, init_weights=True, num_classes=num_classes,
@@ -121,12 +121,12 @@ def torch_evaluate(model, source, config) -> dict:
 def run_torch(config, source, init_state: dict, seed: int, num_classes: int, per_epoch: int,
               num_steps: int) -> dict:
   from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
-  dtype = torch.float64 if config.get("float64") else torch.float32
+  dtype = torch.float64 if config.float64 else torch.float32
   model = torch_model(config, num_classes, seed).to(dtype)
   model.load_state_dict(init_state)
-  eval_every = config.get("eval_every_steps") or per_epoch
+  eval_every = config.eval_every_steps or per_epoch
   curve = {"train": [], "eval": []}
-  log_every = config.get("log_every_steps", 10)
+  log_every = config.log_every_steps
 
   def batches():
     for batch in input_pipeline.train_batches(source, config, 0, num_steps):
@@ -232,14 +232,14 @@ def main(argv=None) -> dict:
   input_pipeline.keep_tensorflow_off_accelerators()
   torch.set_num_threads(args.threads or os.cpu_count())
   config = load_config(args.config, args)
-  if config.get("float64"):
+  if config.float64:
     jax.config.update("jax_enable_x64", True)
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   os.makedirs(args.out, exist_ok=True)
   source = input_pipeline.open_source(config)
-  num_classes = config.get("num_classes") or source.num_classes
+  num_classes = config.num_classes or source.num_classes
   per_epoch = input_pipeline.steps_per_epoch(source, config)
-  num_steps = config.get("num_train_steps") or int(math.ceil(config.num_epochs * per_epoch))
+  num_steps = config.num_train_steps or int(math.ceil(config.num_epochs * per_epoch))
   runs = {"jax": {}, "torch": {}}
   with tempfile.TemporaryDirectory() as scratch:
     for seed in seeds:

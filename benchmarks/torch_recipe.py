@@ -15,7 +15,7 @@ def parameter_groups(model: nn.Module, config) -> list[dict]:
   """One group, or two when BatchNorm parameters and biases are not decayed (every parameter
   of rank < 2, as torchvision's reference --norm-weight-decay 0 --bias-weight-decay 0)."""
   params = [p for p in model.parameters() if p.requires_grad]
-  if config.get("weight_decay_norm_and_bias", True):
+  if config.weight_decay_norm_and_bias:
     return [{"params": params}]
   return [{"params": [p for p in params if p.ndim > 1]},
           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]

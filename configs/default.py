@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model.
   config.variant = "torchvision"
-  config.num_classes = 10
+  config.num_classes = 10  # 0: the dataset's class count
   config.aux_logits = ml_collections.config_dict.placeholder(bool)  # None: the variant's
   config.dropout = ml_collections.config_dict.placeholder(float)
   config.aux_dropout = ml_collections.config_dict.placeholder(float)
@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""  # TFDS data_dir ("" = TFDS default)
   config.manual_dir = ""  # TFDS manual download dir (ImageNet)
   config.val_fraction = 0.1  # folder datasets without train/ and val/
+  config.train_split = ""  # TFDS split to train on ("" = "train")
+  config.eval_split = ""  # TFDS split to evaluate on ("" = "validation", else "test")
   config.image_size = 64
   config.channels = 3  # grey digits repeated to RGB
   config.normalize = "half"  # [-1, 1]
@@ -52,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.device_prefetch = 2  # and copied to the devices ahead of the step (shard_map)
   # Optimisation.
   config.batch_size = 64  # global, over all devices and processes
-  config.eval_batch_size = 128
+  config.eval_batch_size = 128  # 0: batch_size
   config.num_epochs = 6.0
   config.num_train_steps = 0  # > 0 overrides num_epochs
   # The optimisers are PyTorch's, name for name (`create_optimizer`): sgd = torch.optim.SGD,
@@ -100,7 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 5
   config.eval_every_steps = 0  # 0: once per epoch
   config.checkpoint_every_steps = 50
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = 2  # None: every one
   config.keep_best = False
   config.async_checkpointing = True
   config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss; N: skip up to N in a row

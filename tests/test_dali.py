@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
+from configs import default  # noqa: E402
 from googlenet_jax.train import dali_pipeline, input_pipeline  # noqa: E402
 
 from helpers import ROOT, subprocess_env  # noqa: E402
@@ -50,11 +50,13 @@ def write_folder(root, classes=3, per_class=12):
 
 
 def config(root, **overrides):
-  return ml_collections.ConfigDict({**dict(
+  cfg = default.get_config()
+  cfg.update({**dict(
       dataset=f"folder:{root}", val_fraction=0.25, image_size=SIZE, channels=3,
       augment="inception_crop", random_flip=True, normalize="imagenet",
       crop_area_range=(0.08, 1.0), eval_crop_fraction=0.875, batch_size=8, eval_batch_size=8,
       seed=3, data_threads=2, prefetch_batches=2), **overrides})
+  return cfg
 
 
 @pytest.fixture(scope="module")

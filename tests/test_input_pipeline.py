@@ -4,12 +4,12 @@ the folder pipeline's batches (with it) are those of preprocessing each decoded 
 import io
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from configs import default
 from googlenet_jax.train import input_pipeline
 
 SIZE = 64
@@ -32,10 +32,12 @@ def encode(image, fmt="JPEG", **kw):
 
 
 def config(**overrides):
-  return ml_collections.ConfigDict({**dict(
+  cfg = default.get_config()
+  cfg.update({**dict(
       image_size=SIZE, channels=3, augment="inception_crop", random_flip=True,
       normalize="imagenet", crop_area_range=(0.08, 1.0), eval_crop_fraction=0.875),
       **overrides})
+  return cfg
 
 
 # Baseline JPEGs (4:2:0 and 4:4:4, odd sizes whose chroma blocks do not divide evenly),

@@ -148,10 +148,10 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=config.get("async_checkpointing", True)),
+            enable_async_checkpointing=config.async_checkpointing),
         item_handlers=ocp.StandardCheckpointHandler())  # (so that item_metadata reads shapes)
     self.best = None
-    if config.get("keep_best", False):
+    if config.keep_best:
       self.best = ocp.CheckpointManager(
           os.path.abspath(os.path.join(workdir, "best")),
           options=ocp.CheckpointManagerOptions(

@@ -54,10 +54,10 @@ def _dali():
 def check_config(config) -> None:
   """Raise ValueError for the options the tf.data path honours and this one does not."""
   problems = []
-  if config.get("augment", "none") not in ("none", "inception_crop"):
+  if config.augment not in ("none", "inception_crop"):
     problems.append(f"augment={config.augment!r} is {NOT_SUPPORTED} (use 'none' or "
                     f"'inception_crop', or data_loader='tfdata')")
-  if config.get("channels", 3) != 3:
+  if config.channels != 3:
     problems.append(f"channels={config.channels} is {NOT_SUPPORTED} (RGB only)")
   if problems:
     raise ValueError("\n".join(problems))
@@ -125,7 +125,7 @@ def augmentation(config) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray,
   from the same TensorFlow ops on the same seeds as `input_pipeline.preprocess`."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   crop = input_pipeline._inception_crop(config, True)  # pylint: disable=protected-access
-  flip = config.get("augment", "none") != "none" and config.get("random_flip", True)
+  flip = config.augment != "none" and config.random_flip
 
   def one(args):
     shape, seed = args
@@ -160,7 +160,7 @@ def eval_window(shape: tuple[int, int], config) -> tuple[np.ndarray, np.ndarray]
   resize maps onto size x size: the whole image, or with eval_crop_fraction < 1 the central
   crop of the shorter side resized to size / fraction, in input coordinates (the same scale
   and offset as `input_pipeline._resize_shorter_side_and_center_crop`)."""
-  size, fraction = config.image_size, config.get("eval_crop_fraction", 1.0)
+  size, fraction = config.image_size, config.eval_crop_fraction
   hw = np.asarray(shape, np.float32)
   if fraction >= 1.0:
     return np.zeros(2, np.float32), hw
@@ -180,7 +180,7 @@ def _on_gpu() -> bool:
 
 
 def _mean_std(config) -> tuple[list[float], list[float]]:
-  norm = config.get("normalize", "imagenet")
+  norm = config.normalize
   return ([255 * m for m in input_pipeline.MEANS[norm]],
           [255 * s for s in input_pipeline.STDS[norm]])
 
@@ -192,11 +192,11 @@ def _build(feed: Iterator[tuple], batch_size: int, config, train: bool, device_i
   dali, fn, types = _dali()
   size = config.image_size
   mean, std = _mean_std(config)
-  threads = int(config.get("data_threads", 0) or 0) or os.cpu_count() or 1
+  threads = int(config.data_threads or 0) or os.cpu_count() or 1
   decoder = "mixed" if gpu else "cpu"
 
   @dali.pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
-                     prefetch_queue_depth=config.get("prefetch_batches", 2),
+                     prefetch_queue_depth=config.prefetch_batches,
                      exec_dynamic=True)
   def pipe():
     if train:
@@ -352,7 +352,7 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
   if image_fn is not None:
     raise ValueError(f"eval_batches(image_fn=...) (e.g. 10-crop evaluation) is {NOT_SUPPORTED}")
   split = examples(source, split_name or source.eval_split)
-  batch = config.get("eval_batch_size") or config.batch_size
+  batch = config.eval_batch_size or config.batch_size
   local = batch // process_count
   positions = input_pipeline.eval_positions(len(split), batch, process_index, process_count)
 

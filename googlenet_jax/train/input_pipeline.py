@@ -93,12 +93,12 @@ def open_source(config) -> Source:
 
 def _digits_source(config) -> Source:
   from googlenet_jax.train import digits  # pylint: disable=import-outside-toplevel
-  builder = digits.SklearnDigits(data_dir=config.get("data_dir") or None)
+  builder = digits.SklearnDigits(data_dir=config.data_dir or None)
   if not builder.is_prepared():
     try:
       builder.download_and_prepare()
     except FileExistsError:  # another process (multi-host on one machine) prepared it first
-      builder = digits.SklearnDigits(data_dir=config.get("data_dir") or None)
+      builder = digits.SklearnDigits(data_dir=config.data_dir or None)
   splits = {}
   for split in ("train", "test"):
     ds = builder.as_dataset(split=split, batch_size=-1)  # 1,797 examples: read it all
@@ -168,7 +168,7 @@ def _folder_source(root: str, config) -> Source:
       raise DatasetError(f"{root}: has train/ but no val/ (or validation/, test/) folder")
   else:
     paths, labels, classes = _list_images(root)
-    fraction = config.get("val_fraction", 0.1)
+    fraction = config.val_fraction
     if not 0 < fraction < 1:
       raise DatasetError(f"val_fraction must be in (0, 1) for a folder without train/ and val/, "
                          f"got {fraction}")
@@ -182,7 +182,7 @@ def _folder_source(root: str, config) -> Source:
 
 def _tfds_source(name: str, config) -> Source:
   try:
-    builder = tfds.builder(name, data_dir=config.get("data_dir") or None)
+    builder = tfds.builder(name, data_dir=config.data_dir or None)
   except Exception as e:  # pylint: disable=broad-except
     raise DatasetError(f"unknown dataset {name!r}: expected 'sklearn_digits', 'folder:/path' or "
                        f"a TFDS name ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
@@ -190,7 +190,7 @@ def _tfds_source(name: str, config) -> Source:
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(
-              manual_dir=config.get("manual_dir") or None))
+              manual_dir=config.manual_dir or None))
     except Exception as e:  # pylint: disable=broad-except
       raise DatasetError(
           f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and could not be "
@@ -199,8 +199,8 @@ def _tfds_source(name: str, config) -> Source:
           f"[--manual_dir DIR_WITH_ARCHIVES]` (ImageNet needs its archives in the manual dir), "
           f"then pass --config.data_dir=DIR.") from None
   available = list(builder.info.splits)
-  train = config.get("train_split") or "train"
-  evals = [config.get("eval_split")] if config.get("eval_split") else [
+  train = config.train_split or "train"
+  evals = [config.eval_split] if config.eval_split else [
       s for s in ("validation", "test") if s in available]
   if not evals:
     if available:
@@ -216,8 +216,7 @@ def _tfds_source(name: str, config) -> Source:
 
 
 def _inception_crop(config, train: bool) -> bool:
-  return train and config.get("augment", "none") in ("inception_crop",
-                                                     "inception_crop_photometric")
+  return train and config.augment in ("inception_crop", "inception_crop_photometric")
 
 
 def crop_window(shape: tf.Tensor, seed: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor]:
@@ -225,7 +224,7 @@ def crop_window(shape: tf.Tensor, seed: tf.Tensor, config) -> tuple[tf.Tensor, t
   depends on the shape and the seed only, so it can be chosen before the image is decoded."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape, tf.zeros([0, 0, 4], tf.float32), seed=tf.random.experimental.stateless_split(
-          seed, 4)[0], area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
+          seed, 4)[0], area_range=tuple(config.crop_area_range),
       aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0, max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   return begin, size
@@ -236,7 +235,7 @@ def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config,
   """uint8 HWC image -> float32 (size, size, channels), normalised as `config.normalize` says.
   `cropped`: the image is already the training crop window (`decode_and_preprocess`)."""
   size = config.image_size
-  channels = config.get("channels", 3)
+  channels = config.channels
   seeds = tf.random.experimental.stateless_split(seed, 4)
   if _inception_crop(config, train) and not cropped:
     begin, crop = crop_window(tf.shape(image), seed, config)
@@ -250,19 +249,19 @@ def preprocess(image: tf.Tensor, seed: tf.Tensor, train: bool, config,
     image = tf.image.grayscale_to_rgb(image)
   elif image.shape[-1] == 3 and channels == 1:
     image, unit = tf.image.rgb_to_grayscale(tf.image.convert_image_dtype(image, tf.float32)), 1.0
-  augment = config.get("augment", "none") if train else "none"
-  if train or config.get("eval_crop_fraction", 1.0) >= 1.0:
+  augment = config.augment if train else "none"
+  if train or config.eval_crop_fraction >= 1.0:
     image = tf.image.resize(image, (size, size), antialias=True)
   else:  # eval: resize the shorter side to size / fraction, then take the central crop
     image = _resize_shorter_side_and_center_crop(image, size, config.eval_crop_fraction)
-  if augment != "none" and config.get("random_flip", True):
+  if augment != "none" and config.random_flip:
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if augment == "inception_crop_photometric":
     image, unit = image * unit, 1.0
     image = tf.image.stateless_random_brightness(image, 32 / 255, seeds[2])
     image = tf.image.stateless_random_contrast(image, 0.5, 1.5, seeds[3])
     image = tf.clip_by_value(image, 0.0, 1.0)
-  scale, offset = normalization(config.get("normalize", "imagenet"), channels, unit)
+  scale, offset = normalization(config.normalize, channels, unit)
   # Constants of the image's full shape: TF's broadcast over a last axis of 3 is ~15x slower
   # than the elementwise op (~1 ms of a ~4 ms image); the values are the same.
   full = lambda v: tf.constant(np.broadcast_to(v, (size, size, channels)))
@@ -359,7 +358,7 @@ def _preprocess_loaded(image: tf.Tensor, seed: tf.Tensor, train: bool, config) -
 
 def steps_per_epoch(source: Source, config) -> int:
   n = source.num_examples(source.train_split)
-  if n is None and config.get("num_train_steps"):
+  if n is None and config.num_train_steps:
     return config.num_train_steps  # unknown size: the run is one "epoch" of num_train_steps
   if n is None:
     raise DatasetError(f"{source.name}: the size of split {source.train_split!r} is unknown; "
@@ -421,7 +420,7 @@ def train_batches(source: Source, config, start_step: int, num_steps: int,
     return {"image": image, "label": tf.gather(labels, index)}
 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local, drop_remainder=True).prefetch(config.get("prefetch_batches", 2))
+  ds = ds.batch(local, drop_remainder=True).prefetch(config.prefetch_batches)
   return iter(tfds.as_numpy(_threads(ds, config)))
 
 
@@ -433,7 +432,7 @@ def _streamed_train(source, config, start_step, num_steps, process_index, proces
   ds = source.builder.as_dataset(split=split, shuffle_files=True, read_config=read,
                                  decoders={"image": tfds.decode.SkipDecoding()}
                                  if _is_encoded(source) else None)
-  ds = ds.repeat().shuffle(config.get("shuffle_buffer", 16 * local), seed=config.seed)
+  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed)
   ds = ds.enumerate()
   seed = config.seed
 
@@ -444,13 +443,13 @@ def _streamed_train(source, config, start_step, num_steps, process_index, proces
 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True).skip(start_step).take(num_steps - start_step)
-  return iter(tfds.as_numpy(_threads(ds.prefetch(config.get("prefetch_batches", 2)), config)))
+  return iter(tfds.as_numpy(_threads(ds.prefetch(config.prefetch_batches), config)))
 
 
 def _threads(ds: tf.data.Dataset, config) -> tf.data.Dataset:
   """At most `config.data_threads` threads for the dataset's work (0 or unset: tf.data's
   default, one per core)."""
-  threads = int(config.get("data_threads", 0) or 0)
+  threads = int(config.data_threads or 0)
   if threads <= 0:
     return ds
   options = tf.data.Options()
@@ -476,7 +475,7 @@ def eval_batches(source: Source, config, split_name: Optional[str] = None,
   split_name = split_name or source.eval_split
   if image_fn is None:
     image_fn = lambda image: preprocess(image, tf.constant([0, 0], tf.int64), False, config)
-  batch = config.get("eval_batch_size") or config.batch_size
+  batch = config.eval_batch_size or config.batch_size
   local = batch // process_count
   if source.builder is None:
     split = source.splits[split_name]

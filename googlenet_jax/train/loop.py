@@ -17,7 +17,7 @@ import numpy as np
 
 from googlenet_jax import model_dir
 from googlenet_jax.ops import LAX, Ops
-from googlenet_jax.train import checkpointing, input_pipeline
+from googlenet_jax.train import checkpointing, dali_pipeline, input_pipeline
 from googlenet_jax.train.config import validate_config
 from googlenet_jax.train.metrics import MetricWriter
 from googlenet_jax.train.parallel import Parallel
@@ -28,12 +28,14 @@ from googlenet_jax.train.steps import step_functions
 log = logging.getLogger("googlenet_jax")
 
 
+# config.data_loader's names: the modules whose `train_batches` / `eval_batches` feed the run
+# (dali_pipeline imports DALI inside its functions).
+LOADERS = {"tfdata": input_pipeline, "dali": dali_pipeline}
+
+
 def loader(config):
   """The module whose `train_batches` / `eval_batches` feed the run (`config.data_loader`)."""
-  if config.get("data_loader", "tfdata") == "dali":
-    from googlenet_jax.train import dali_pipeline  # pylint: disable=import-outside-toplevel
-    return dali_pipeline
-  return input_pipeline
+  return LOADERS[config.data_loader]
 
 
 def evaluate(p_eval, state, source, config, parallel: Parallel) -> dict:
@@ -150,7 +152,7 @@ def _optimizer_as_saved(ckpt, tx, config, per_epoch, num_steps, model, image_sha
   if paths(tx) == saved:
     return tx
   as_saved = ml_collections.ConfigDict(config.to_dict())
-  as_saved.flat_optimizer_state = not config.get("flat_optimizer_state", True)
+  as_saved.flat_optimizer_state = not config.flat_optimizer_state
   other = create_optimizer(as_saved, per_epoch, num_steps)
   if paths(other) == saved:
     log.info("the checkpoint keeps the optimiser state %s: resuming with it "
@@ -170,22 +172,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
   checked by `_one_run_per_workdir`, before the workdir is locked."""
   is_main = jax.process_index() == 0
   source = input_pipeline.open_source(config)
-  num_classes = config.get("num_classes") or source.num_classes
+  num_classes = config.num_classes or source.num_classes
   if num_classes < source.num_classes:
     raise ValueError(f"num_classes {num_classes} < the dataset's {source.num_classes} classes")
   per_epoch = input_pipeline.steps_per_epoch(source, config)
-  num_steps = config.get("num_train_steps") or int(math.ceil(config.num_epochs * per_epoch))
+  num_steps = config.num_train_steps or int(math.ceil(config.num_epochs * per_epoch))
   parallel = Parallel(config.parallel)
   model = create_model(config, num_classes, ops)
   tx = create_optimizer(config, per_epoch, num_steps)
-  image_shape = (1, config.image_size, config.image_size, config.get("channels", 3))
+  image_shape = (1, config.image_size, config.image_size, config.channels)
   ckpt = checkpointing.Checkpointer(workdir, config)
   tx = _optimizer_as_saved(ckpt, tx, config, per_epoch, num_steps, model, image_shape)
   state, start_step = ckpt.restore_or(
       lambda: create_train_state(model, tx, config, image_shape, fast_init=fast_init),
       parallel.replicated)
   if start_step == 0:
-    if config.get("init_from"):
+    if config.init_from:
       state = initialise_from(state, config, config.init_from)
     state = parallel.replicate(state)
   if is_main:  # what predict / evaluate / init_from need to rebuild the model
@@ -199,17 +201,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
                  config.parallel, start_step)
 
   step_fn, eval_fn = step_functions(config, model, tx)
-  guard = _NonFiniteGuard(config.get("skip_nonfinite_steps", 0), ckpt)
+  guard = _NonFiniteGuard(config.skip_nonfinite_steps, ckpt)
   p_train = parallel.compile(step_fn, donate_state=True)
   p_eval = parallel.compile(eval_fn)
   batches = parallel.prefetch(
       loader(config).train_batches(source, config, start_step, num_steps,
                                    jax.process_index(), jax.process_count()),
-      config.get("device_prefetch", 2))
-  log_every = config.get("log_every_steps", 10)
-  eval_every = config.get("eval_every_steps") or per_epoch
+      config.device_prefetch)
+  log_every = config.log_every_steps
+  eval_every = config.eval_every_steps or per_epoch
   progress = None
-  if is_main and config.get("progress_bar", True):
+  if is_main and config.progress_bar:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
   pending, t0, images, waited = [], time.time(), 0, 0.0

@@ -16,6 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from googlenet_jax.cpu import compile_time
 from googlenet_jax.train.state import AXIS
 
+MODES = ("pmap", "shard_map")  # `Parallel`'s modes (config.parallel)
+
 
 def _name(step: Callable) -> str:
   return getattr(step, "func", step).__name__

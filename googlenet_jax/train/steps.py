@@ -117,9 +117,9 @@ def step_functions(config, model: GoogLeNet, tx) -> tuple[functools.partial, fun
   per-device functions the training loop hands to `Parallel.compile`."""
   train = functools.partial(train_step, model=model, tx=tx,
                             aux_loss_weight=config.aux_loss_weight,
-                            ema_decay=config.get("ema_decay", 0.0),
-                            label_smoothing=config.get("label_smoothing", 0.0),
-                            skip_nonfinite=config.get("skip_nonfinite_steps", 0) > 0)
+                            ema_decay=config.ema_decay,
+                            label_smoothing=config.label_smoothing,
+                            skip_nonfinite=config.skip_nonfinite_steps > 0)
   evaluate = functools.partial(eval_step, model=model,
-                               use_ema=config.get("eval_with_ema", False))
+                               use_ema=config.eval_with_ema)
   return train, evaluate
