@@ -40,6 +40,21 @@ def _stop_before_training(signum, frame):
   sys.exit(0)
 
 
+def _configure_jax():
+  """--cpu_devices, --config.float64, --cpu_collectives and the multi-host set-up, before JAX
+  initialises."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
+  cli.simulate_cpu_devices(FLAGS.cpu_devices)
+  if FLAGS.config.get("float64"):
+    jax.config.update("jax_enable_x64", True)
+  if FLAGS.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
 def main(argv):
   del argv
   # SIGTERM/SIGINT: until the training loop takes over (and saves), stop without a traceback.
@@ -51,31 +66,16 @@ def main(argv):
     print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
           file=sys.stderr)
     sys.exit(2)
-  # Before JAX starts its threads: reuse freed host memory (XLA:CPU's per-step temporaries
-  # would otherwise be page-faulted in anew every step; GOOGLENET_JAX_HOST_MALLOC=system: off)
-  # and let oneDNN's OpenMP threads wait passively.
-  from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
-  cpu.setup_process()
-  import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.cpu_devices:
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  if FLAGS.config.get("float64"):
-    jax.config.update("jax_enable_x64", True)
-  if FLAGS.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
-  if FLAGS.coordinator_address or FLAGS.distributed:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
-  cli.enable_compilation_cache()
+  # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
+  cli.setup(_configure_jax, log_format="%(asctime)s %(levelname)s %(message)s",
+            libraries=logging.WARNING)
+  import jax  # pylint: disable=import-outside-toplevel
+  from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
   from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
   from googlenet_jax.ops import LAX  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
-  # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
-  cli.configure_logging("%(asctime)s %(levelname)s %(message)s", libraries=logging.WARNING)
-  input_pipeline.keep_tensorflow_off_accelerators()
   on_cpu = jax.default_backend() == "cpu"
   try:
     # The network's kernels: by default XLA:CPU's faster ones on CPU, plain lax elsewhere.

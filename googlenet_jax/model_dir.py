@@ -337,8 +337,8 @@ def inference_config(record: Optional[dict], override: Any, where: str) -> Any:
   network fields (`MODEL_FIELDS`) still taken from config.json, since they define the weights."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   if record is None and override is None:
-    raise ModelDirError(f"{where} has no {CONFIG_FILE} (train.py and googlenet_jax.tools.convert write "
-                        "one); pass the training config with --config FILE")
+    raise ModelDirError(f"{where} has no {CONFIG_FILE} (train.py and googlenet_jax.tools.convert "
+                        "write one); pass the training config with --config FILE")
   if override is None:
     return ml_collections.ConfigDict(record)
   config = ml_collections.ConfigDict(config_to_dict(override))

@@ -1,4 +1,4 @@
-"""Shared set-up of the command-line tools (predict, evaluate, convert, summary): quiet logs,
+"""Shared set-up of the command-line programs (the tools and train.py): absl flags, quiet logs,
 the compilation cache, host-memory reuse, and user errors as one line on stderr with exit
 status 2."""
 
@@ -136,17 +136,32 @@ def _remove_stale_partial_writes(cache: str, older_than_secs: float = 3600.0) ->
           os.unlink(path)
 
 
-def setup() -> None:
-  """A tool's process set-up, first thing in its `main`: TensorFlow's C++ logs quiet and off
-  the accelerators, our messages at INFO, the libraries' (Orbax, TFDS, absl) at ERROR,
-  compilation cache on, and on CPU `googlenet_jax.cpu.setup_process()`."""
+def setup(configure_jax: Optional[Callable[[], None]] = None, *,
+          log_format: str = "%(levelname)s %(message)s", libraries: int = logging.ERROR) -> None:
+  """A program's process set-up (the tools' and train.py's), first thing in its `main`, in this
+  order: TensorFlow's C++ logs quiet; `googlenet_jax.cpu.setup_process()`, before JAX starts its
+  threads (oneDNN's OpenMP threads wait passively; freed host memory is reused, so XLA:CPU's
+  per-step temporaries are not page-faulted in anew every step; GOOGLENET_JAX_HOST_MALLOC=system:
+  off); `configure_jax()`, the program's JAX configuration, before JAX initialises; the
+  compilation cache; our messages at INFO in `log_format` and the libraries' (Orbax, TFDS, absl)
+  at `libraries`; TensorFlow off the accelerators."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
   cpu.setup_process()
-  configure_logging()
+  if configure_jax is not None:
+    configure_jax()
   enable_compilation_cache()
+  configure_logging(log_format, libraries)
   from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
   input_pipeline.keep_tensorflow_off_accelerators()
+
+
+def simulate_cpu_devices(count: Optional[int]) -> None:
+  """JAX's CPU backend with `count` devices (a --cpu_devices flag; None: as configured), before
+  JAX initialises."""
+  if count:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_num_cpu_devices", count)
 
 
 def model_ops():

@@ -174,10 +174,7 @@ def main() -> None:
   def _main(argv):
     if len(argv) > 1:
       cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.cpu_devices:
-      import jax  # pylint: disable=import-outside-toplevel
-      jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    cli.setup()
+    cli.setup(lambda: cli.simulate_cpu_devices(FLAGS.cpu_devices))
     from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
     with cli.user_errors():
       loaded = model_dir.load_for_inference(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config,
