@@ -335,6 +335,27 @@ def test_summary_rows_match_hand_computed_values():
   assert round(totals["paper_params"] / 1024, 1) == 6797.7
 
 
+def test_flags_help_and_usage_errors(capsys):
+  """convert and summary (`cli.parse_flags`): --help on stdout with exit status 0, a flag error
+  or a stray argument as one `error: ...` line with exit status 2; twice in one process."""
+  for _ in range(2):
+    with pytest.raises(SystemExit) as exit_info:
+      summary.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "Table 1" in out and "--markdown" in out, out
+  for argv, message in [(["--bogus"], "Unknown command line flag 'bogus'"),
+                        (["--variant", "nope"], "flag --variant=nope: value should be one of"),
+                        (["extra"], "unexpected arguments: extra")]:
+    with pytest.raises(SystemExit) as exit_info:
+      summary.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {message}"), err
+    assert err.count("\n") == 1, err
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(["--help"])
+  assert exit_info.value.code == 0 and "--to-torch" in capsys.readouterr().out
+
+
 def test_summary_command_line():
   """The README's command as written, its --markdown form, and a size the layout cannot take."""
   import test_readme  # pylint: disable=import-outside-toplevel
