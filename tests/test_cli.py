@@ -336,8 +336,18 @@ def test_summary_rows_match_hand_computed_values():
 
 
 def test_flags_help_and_usage_errors(capsys):
-  """convert and summary (`cli.parse_flags`): --help on stdout with exit status 0, a flag error
-  or a stray argument as one `error: ...` line with exit status 2; twice in one process."""
+  """Every tool (`cli.parse_flags`): --help on stdout with exit status 0, a flag error or a stray
+  argument as one `error: ...` line with exit status 2; twice in one process."""
+  from googlenet_jax.tools import export  # pylint: disable=import-outside-toplevel
+  for tool, flag in [(predict, "--top_k"), (evaluate, "--multi_crop"), (export, "--format"),
+                     (convert, "--to-torch"), (summary, "--markdown")]:
+    with pytest.raises(SystemExit) as exit_info:
+      tool.main(["--help"])
+    assert exit_info.value.code == 0 and flag in capsys.readouterr().out, tool
+    with pytest.raises(SystemExit) as exit_info:
+      tool.main(["--bogus"])
+    assert exit_info.value.code == 2, tool
+    assert capsys.readouterr().err == "error: Unknown command line flag 'bogus'\n", tool
   for _ in range(2):
     with pytest.raises(SystemExit) as exit_info:
       summary.main(["--help"])
@@ -351,9 +361,6 @@ def test_flags_help_and_usage_errors(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"error: {message}"), err
     assert err.count("\n") == 1, err
-  with pytest.raises(SystemExit) as exit_info:
-    convert.main(["--help"])
-  assert exit_info.value.code == 0 and "--to-torch" in capsys.readouterr().out
 
 
 def test_summary_command_line():

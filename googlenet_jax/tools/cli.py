@@ -170,33 +170,46 @@ def model_ops():
   return cpu.ops_for_backend()
 
 
-def define_model_flags(flags) -> None:
-  """--workdir / --checkpoint: the model directory a tool reads (absl `flags` module)."""
-  flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
-                      "googlenet_jax.tools.convert's --out): its newest checkpoint.")
-  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
-                      "DIR/best/STEP) instead of --workdir.")
-
-
-def parse_flags(define: Callable[[Any], None], argv: Optional[Sequence[str]] = None,
-                doc: str = "") -> tuple[Any, list[str]]:
-  """A tool's absl flags, in a FlagValues of their own (a tool can run twice in one process):
-  `define(flag_values)` defines them, `argv` (default sys.argv) is parsed. --help / -h prints
-  `doc` and the flags on stdout and exits 0; an unknown flag or a bad value is `error: ...` and
-  exit status 2. Returns (the flag values, the other arguments after the program name)."""
+def define_model_flags(values, argv: Sequence[str], config_help: str) -> None:
+  """--workdir / --checkpoint, the model directory a tool reads, and --config FILE (with
+  --config.field=value overrides, which ml_collections reads from `argv` here), in the absl
+  FlagValues `values`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("workdir", None, "Model directory (train.py's --workdir, or "
+                      "googlenet_jax.tools.convert's --out): its newest checkpoint.",
+                      flag_values=values)
+  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (DIR/checkpoints/STEP, "
+                      "DIR/best/STEP) instead of --workdir.", flag_values=values)
+  config_flags.DEFINE_config_file("config", None, config_help, flag_values=values,
+                                  lock_config=False, sys_argv=list(argv))
+
+
+def parse_flags(define: Callable[[Any, list[str]], None], argv: Optional[Sequence[str]] = None,
+                doc: str = "", *, positional: bool = False) -> tuple[Any, list[str]]:
+  """A tool's absl flags, in a FlagValues of their own (a tool can run twice in one process):
+  `define(flag_values, command_line)` defines them, `argv` (default: sys.argv's arguments) is
+  parsed. --help / -h prints `doc` and the flags on stdout and exits 0; an unknown flag, a bad
+  value, a --config.x=y override of no field or (unless `positional`) an argument that is no flag
+  is `error: ...` and exit status 2. Returns (the flag values, the other arguments)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  command_line = list(sys.argv if argv is None else [sys.argv[0], *argv])
   values = flags.FlagValues()
   flags.DEFINE_bool("help", False, "Show this help.", short_name="h", flag_values=values)
-  define(values)
-  argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
   try:
-    rest = values(argv)
+    define(values, command_line)
+    rest = values(command_line)
   except flags.Error as e:
     fail(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.x=y override
+    msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    fail(f"bad --config override ({msg}); the fields are those of the --config file")
   if values.help:
     lines = values.get_help(include_special_flags=False).splitlines()
     print(doc.rstrip() + "\n\nflags:\n" + "\n".join(l for l in lines if l.startswith(" ")))
     sys.exit(0)
+  if len(rest) > 1 and not positional:
+    fail(f"unexpected arguments: {' '.join(rest[1:])}")
   return values, rest[1:]
 
 

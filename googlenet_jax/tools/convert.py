@@ -96,8 +96,9 @@ def model_dir_to_torch_file(checkpoint: str, out: str, variant: Optional[str] = 
   return step_dir
 
 
-def define_flags(values) -> None:
-  """The command's flags, in the absl FlagValues `values`."""
+def define_flags(values, argv) -> None:
+  """The command's flags, in the absl FlagValues `values` (`cli.parse_flags`)."""
+  del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   define = dict(flag_values=values)
   flags.DEFINE_string("torch", None, "PyTorch state_dict to convert (FILE.pth).", **define)
@@ -125,9 +126,7 @@ def define_flags(values) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
   """The command on `argv` (default: sys.argv's arguments); usage errors exit with status 2."""
-  args, rest = cli.parse_flags(define_flags, argv, __doc__)
-  if rest:
-    cli.fail(f"unexpected arguments: {' '.join(rest)}")
+  args, _ = cli.parse_flags(define_flags, argv, __doc__)
   to_torch = args["to-torch"].value
   try:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

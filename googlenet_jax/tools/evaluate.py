@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -157,33 +157,33 @@ def format_result(result: dict) -> str:
           f"  on {result['count']} examples ({result['split']}, {crops})")
 
 
-def main() -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  cli.define_model_flags(flags)
-  config_flags.DEFINE_config_file("config", None, "Dataset and preprocessing config (default: "
-                                  "the model directory's config.json).", lock_config=False)
-  flags.DEFINE_string("split", None, "Split to evaluate (default: the dataset's eval split).")
+def define_flags(values, argv) -> None:
+  """The command's flags, in the absl FlagValues `values` (`cli.parse_flags`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  define = dict(flag_values=values)
+  cli.define_model_flags(values, argv, "Dataset and preprocessing config (default: the model "
+                         "directory's config.json).")
+  flags.DEFINE_string("split", None, "Split to evaluate (default: the dataset's eval split).",
+                      **define)
   flags.DEFINE_bool("multi_crop", False, "10 crops (4 corners + centre, and mirrors) per image, "
-                    "softmax averaged.")
-  flags.DEFINE_bool("use_ema", None, "Use the EMA weights (default: the config's eval_with_ema).")
-  flags.DEFINE_bool("json", False, "Print the result as JSON.")
-  flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (testing).")
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+                    "softmax averaged.", **define)
+  flags.DEFINE_bool("use_ema", None, "Use the EMA weights (default: the config's eval_with_ema).",
+                    **define)
+  flags.DEFINE_bool("json", False, "Print the result as JSON.", **define)
+  flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (testing).", **define)
 
-  def _main(argv):
-    if len(argv) > 1:
-      cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.setup(lambda: cli.simulate_cpu_devices(FLAGS.cpu_devices))
-    from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
-    with cli.user_errors():
-      loaded = model_dir.load_for_inference(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config,
-                                            use_ema=FLAGS.use_ema, ops=cli.model_ops())
-      result = evaluate_model(loaded, loaded.config, FLAGS.split, FLAGS.multi_crop)
-    print(json.dumps(result) if FLAGS.json else format_result(result))
-    sys.exit(0)
 
-  app.run(_main)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command on `argv` (default: sys.argv's arguments); exits with its status."""
+  args, _ = cli.parse_flags(define_flags, argv, __doc__)
+  cli.setup(lambda: cli.simulate_cpu_devices(args.cpu_devices))
+  from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
+  with cli.user_errors():
+    loaded = model_dir.load_for_inference(args.workdir, args.checkpoint, args.config,
+                                          use_ema=args.use_ema, ops=cli.model_ops())
+    result = evaluate_model(loaded, loaded.config, args.split, args.multi_crop)
+  print(json.dumps(result) if args.json else format_result(result))
+  sys.exit(0)
 
 
 if __name__ == "__main__":

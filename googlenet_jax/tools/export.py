@@ -316,23 +316,26 @@ def run(argv: Sequence[str], flags, setup: Callable[[], None] = cli.setup) -> in
   return 0
 
 
-def main() -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  cli.define_model_flags(flags)
-  config_flags.DEFINE_config_file("config", None, "Config file, when the model directory has no "
-                                  "config.json or to change the preprocessing.", lock_config=False)
-  flags.DEFINE_string("format", None, f"What to write: {', '.join(FORMATS)}.")
-  flags.DEFINE_string("out", None, "The file (jax, onnx) or directory (savedmodel) to write.")
+def define_flags(values, argv) -> None:
+  """The command's flags, in the absl FlagValues `values` (`cli.parse_flags`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  define = dict(flag_values=values)
+  cli.define_model_flags(values, argv, "Config file, when the model directory has no "
+                         "config.json or to change the preprocessing.")
+  flags.DEFINE_string("format", None, f"What to write: {', '.join(FORMATS)}.", **define)
+  flags.DEFINE_string("out", None, "The file (jax, onnx) or directory (savedmodel) to write.",
+                      **define)
   flags.DEFINE_list("platforms", ["cpu"], "jax and savedmodel: the platforms to lower for "
-                    "(cpu, cuda, rocm, tpu).")
-  flags.DEFINE_integer("opset", 21, "onnx: the ONNX opset.")
-  flags.DEFINE_bool("use_ema", None, "Use the EMA weights (default: the config's eval_with_ema).")
+                    "(cpu, cuda, rocm, tpu).", **define)
+  flags.DEFINE_integer("opset", 21, "onnx: the ONNX opset.", **define)
+  flags.DEFINE_bool("use_ema", None, "Use the EMA weights (default: the config's eval_with_ema).",
+                    **define)
 
-  def _main(argv):
-    sys.exit(run(argv, flags.FLAGS))
 
-  app.run(_main)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command on `argv` (default: sys.argv's arguments); exits with its status."""
+  args, _ = cli.parse_flags(define_flags, argv, __doc__)
+  sys.exit(run(["export"], args))
 
 
 if __name__ == "__main__":

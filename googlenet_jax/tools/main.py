@@ -45,9 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if tool not in TOOLS:
     print(f"error: unknown tool {tool!r}; expected one of {', '.join(TOOLS)}", file=sys.stderr)
     sys.exit(2)
-  # Run as `python -m` would: the tool is __main__ and reads sys.argv, as absl's app.run
-  # (predict, evaluate, export) and `cli.parse_flags` (convert, summary) both do; its --help
-  # then shows its docstring and flags.
+  # Run as `python -m` would: the tool is __main__ and reads sys.argv (`cli.parse_flags`); its
+  # --help then shows its docstring and flags.
   sys.argv = [f"{PROG} {tool}"] + rest
   runpy.run_module(f"googlenet_jax.tools.{tool}", run_name="__main__", alter_sys=True)
 

@@ -106,22 +106,23 @@ def run(argv: Sequence[str], flags) -> int:
   return 0 if any("top" in r for r in records) else 1
 
 
-def main() -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  cli.define_model_flags(flags)
-  config_flags.DEFINE_config_file("config", None, "Config file, when the model directory has no "
-                                  "config.json or to change the preprocessing.", lock_config=False)
-  flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
-  flags.DEFINE_bool("json", False, "Print JSON instead of text.")
-  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-  flags.DEFINE_bool("use_ema", None, "Use the EMA weights (default: the config's eval_with_ema).")
+def define_flags(values, argv) -> None:
+  """The command's flags, in the absl FlagValues `values` (`cli.parse_flags`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  cli.define_model_flags(values, argv, "Config file, when the model directory has no "
+                         "config.json or to change the preprocessing.")
+  flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", flag_values=values)
+  flags.DEFINE_bool("json", False, "Print JSON instead of text.", flag_values=values)
+  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=values)
+  flags.DEFINE_bool("use_ema", None, "Use the EMA weights (default: the config's eval_with_ema).",
+                    flag_values=values)
 
-  def _main(argv):
-    cli.setup()
-    sys.exit(run(argv, flags.FLAGS))
 
-  app.run(_main)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command on `argv` (default: sys.argv's arguments); exits with its status."""
+  args, paths = cli.parse_flags(define_flags, argv, __doc__, positional=True)
+  cli.setup()
+  sys.exit(run(["predict", *paths], args))
 
 
 if __name__ == "__main__":

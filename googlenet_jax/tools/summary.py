@@ -208,8 +208,9 @@ def render(rows: list[Row], variant: str, size: int, markdown: bool = False) -> 
   return "\n".join(lines)
 
 
-def define_flags(values) -> None:
-  """The command's flags, in the absl FlagValues `values`."""
+def define_flags(values, argv) -> None:
+  """The command's flags, in the absl FlagValues `values` (`cli.parse_flags`)."""
+  del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   define = dict(flag_values=values)
   flags.DEFINE_enum("variant", "paper", sorted(V.LAYOUTS), "The layout.", **define)
@@ -222,9 +223,7 @@ def define_flags(values) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
   """The command on `argv` (default: sys.argv's arguments); usage errors exit with status 2."""
-  args, rest = cli.parse_flags(define_flags, argv, __doc__)
-  if rest:
-    cli.fail(f"unexpected arguments: {' '.join(rest)}")
+  args, _ = cli.parse_flags(define_flags, argv, __doc__)
   with cli.user_errors():
     rows = table(args.variant, args.size, args.classes)
   size = args.size or V.get_layout(args.variant).default_size
