@@ -46,7 +46,7 @@ def _configure_jax():
   import jax  # pylint: disable=import-outside-toplevel
   from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
   cli.simulate_cpu_devices(FLAGS.cpu_devices)
-  if FLAGS.config.get("float64"):
+  if FLAGS.config.float64:
     jax.config.update("jax_enable_x64", True)
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
@@ -55,16 +55,26 @@ def _configure_jax():
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+def _missing_fields(config) -> list[str]:
+  """The fields configs/default.py sets that `config` lacks (the defaults live there alone)."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  return sorted(set(default.get_config()) - set(config))
+
+
 def main(argv):
   del argv
   # SIGTERM/SIGINT: until the training loop takes over (and saves), stop without a traceback.
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _stop_before_training)
   try:
-    FLAGS.config.get("variant")  # a --config file that failed to load raises here
+    missing = _missing_fields(FLAGS.config)  # a --config file that failed to load raises here
   except (OSError, SyntaxError, AttributeError) as e:
     print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
           file=sys.stderr)
+    sys.exit(2)
+  if missing:
+    print(f"error: the config has no field {', '.join(map(repr, missing))}: start from "
+          "configs/default.py's get_config(), which sets every field", file=sys.stderr)
     sys.exit(2)
   from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
   # Our progress at INFO; the libraries' (Orbax, TFDS) INFO chatter stays out of the way.
@@ -73,19 +83,15 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
   from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.ops import LAX  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   on_cpu = jax.default_backend() == "cpu"
   try:
     # The network's kernels: by default XLA:CPU's faster ones on CPU, plain lax elsewhere.
-    choice = FLAGS.config.get("ops", "auto")
-    ops = {"lax": LAX, "cpu-xla": cpu.FAST_XLA, "cpu-onednn": cpu.ONEDNN}.get(choice)
-    if choice == "auto":
-      ops = cpu.ops_for_backend()
-    elif choice == "cpu-onednn" and not cpu.onednn.available():
+    ops = cpu.ops_named(FLAGS.config.ops)
+    if ops is cpu.ONEDNN and not cpu.onednn.available():
       ops = cpu.FAST_XLA  # (onednn.available() warned why)
-    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, ops=ops or LAX,
+    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, ops=ops,
                                          fast_init=on_cpu)
   except (ValueError, DatasetError, FloatingPointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)

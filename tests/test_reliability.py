@@ -127,14 +127,28 @@ def test_empty_split_or_class_is_an_error(tmp_path, layout, match):
     input_pipeline.open_source(config)
 
 
+_WITHOUT_FIELDS = """from configs import default
+def get_config():
+  config = default.get_config()
+  del config.lr_schedule, config.random_flip
+  return config
+"""
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--config.learnig_rate=0.1"], 'Did you mean "learning_rate" instead of "learnig_rate"?'),
     (["--config=configs/no_such_config.py"], "No such file or directory"),
+    (["--config={tmp}/without_fields.py"], "the config has no field 'lr_schedule', 'random_flip':"
+     " start from configs/default.py's get_config(), which sets every field"),
 ])
-def test_unknown_config_field_or_file_via_train_py_is_one_line(tmp_path, args, expected):
-  run = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path), *args], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=600)
+def test_unknown_config_field_missing_field_or_file_via_train_py_is_one_line(tmp_path, args,
+                                                                             expected):
+  (tmp_path / "without_fields.py").write_text(_WITHOUT_FIELDS)
+  args = [a.format(tmp=tmp_path) for a in args]
+  run = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "w"), *args],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert expected in _one_line_error(run)
+  assert not os.path.exists(tmp_path / "w")  # nothing written
 
 
 def test_bad_config_via_train_py_is_one_line_before_any_work(tmp_path):

@@ -47,8 +47,9 @@ def ops_for_backend(backend: Optional[str] = None) -> Ops:
   return ops() if (backend or jax.default_backend()) == "cpu" else LAX
 
 
+_NAMED = {"lax": LAX, "cpu-xla": FAST_XLA, "cpu-onednn": ONEDNN}
 # The names `ops_named` takes (`config.ops`, benchmarks/throughput.py's --ops).
-OPS_NAMES = ("auto", "lax", "cpu-xla", "cpu-onednn")
+OPS_NAMES = ("auto", *_NAMED)
 
 
 def ops_named(name: str) -> Ops:
@@ -56,10 +57,9 @@ def ops_named(name: str) -> Ops:
   "cpu-xla" = `FAST_XLA`, "cpu-onednn" = `ONEDNN` (whether or not oneDNN works here)."""
   if name == "auto":
     return ops_for_backend()
-  named = {"lax": LAX, "cpu-xla": FAST_XLA, "cpu-onednn": ONEDNN}
-  if name not in named:
+  if name not in _NAMED:
     raise ValueError(f"ops must be one of {', '.join(OPS_NAMES)}, got {name!r}")
-  return named[name]
+  return _NAMED[name]
 
 
 def setup_process() -> dict:

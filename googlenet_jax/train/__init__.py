@@ -3,8 +3,9 @@ and input. `python train.py` is the command line; these are its parts, for your 
 
 One job per file: `config` (checks), `state` (model, optimiser, schedule, initialisation),
 `steps` (train and eval step, written once per device), `parallel` (pmap or shard_map),
-`metrics`, `loop` (`train_and_evaluate`), `checkpointing`, `model_dir`, `input_pipeline`,
-`digits` (the offline dataset).
+`metrics`, `loop` (`train_and_evaluate`), `checkpointing`, `input_pipeline` (tf.data),
+`dali_pipeline` (NVIDIA DALI), `tfrecords`, `digits` (the offline dataset). Model directories
+(config.json, checkpoints for inference, fine-tuning) are `googlenet_jax.model_dir`.
 """
 
 try:
