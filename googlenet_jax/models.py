@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import math
+import os
 import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from googlenet_jax import layers, shapes
@@ -353,26 +356,64 @@ def unrolled_threefry_available() -> bool:
   return _threefry_cpu_rules() is not None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> Any:
-  return model.init(rng, jnp.zeros(input_shape))
+# The initialisation compiles as up to this many programs, each drawing a share of the
+# variables (every `parts`-th leaf), compiled in parallel threads: XLA compiles one program on
+# one core (docs/performance.md has the times).
+_INIT_PARTS = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _init_programs(model: nn.Module, input_shape: tuple[int, ...], rng_shape: tuple[int, ...],
+                   rng_dtype: Any) -> tuple[Any, list[tuple[list[int], Any]]]:
+  """(the variables' tree structure, [(leaf indices, compiled program)]) for model.init."""
+  rng = jax.ShapeDtypeStruct(rng_shape, rng_dtype)
+  init = lambda key: model.init(key, jnp.zeros(input_shape))
+  parts = max(1, min(_INIT_PARTS, os.cpu_count() or 1))
+  with unrolled_threefry():
+    closed, shapes_out = jax.make_jaxpr(init, return_shape=True)(rng)
+    treedef = jax.tree_util.tree_structure(shapes_out)
+    count = treedef.num_leaves
+    if not hasattr(jax.extend.core, "jaxpr_as_fun"):  # a JAX without it: one program
+      parts, flat = 1, lambda key: jax.tree_util.tree_leaves(init(key))
+    else:
+      flat = jax.extend.core.jaxpr_as_fun(closed)
+    groups = [list(range(first, count, parts)) for first in range(min(parts, count))]
+
+    def draw(key, group):  # a part's leaves; XLA drops what only the others need
+      leaves = flat(key)
+      return [leaves[i] for i in group]
+
+    lowered = [jax.jit(functools.partial(draw, group=group)).lower(rng) for group in groups]
+  if len(lowered) == 1:
+    return treedef, [(groups[0], lowered[0].compile())]
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    compiled = list(pool.map(lambda low: low.compile(), lowered))
+  return treedef, list(zip(groups, compiled))
 
 
 def init_variables(model: nn.Module, rng: Any,
                    input_shape: tuple[int, ...] = (1, 224, 224, 3)) -> dict:
-  """`model.init(rng, jnp.zeros(input_shape))`, jitted and compiled fast: the variables
-  ({"params"} and, for the layouts with BatchNorm, {"batch_stats"}), bit for bit the same.
+  """`model.init(rng, jnp.zeros(input_shape))`, compiled fast: the variables ({"params"} and,
+  for the layouts with BatchNorm, {"batch_stats"}), bit for bit the same.
 
   `rng`: a JAX key (`jax.random.key(0)`) or an int seed. `input_shape` only sets the shapes
   the network is traced at; the parameters' shapes do not depend on it (the aux heads are
   built whatever the size). On CPU the threefry hash is lowered unrolled for this call
-  (`unrolled_threefry`: about half the compile time of `jax.jit(model.init)`); nothing stays
-  changed afterwards. Compiled once per (model, input_shape) in a process."""
+  (`unrolled_threefry`: about half the compile time of `jax.jit(model.init)`), and the
+  program is compiled as a few parts in parallel threads; nothing stays changed afterwards.
+  Compiled once per (model, input_shape) in a process."""
   if isinstance(rng, int):
     rng = jax.random.key(rng)
-  with unrolled_threefry():
-    variables = _init(model, rng, tuple(int(n) for n in input_shape))
-  return dict(variables)
+  if isinstance(rng, jax.core.Tracer):  # inside a transformation: part of its program
+    return dict(model.init(rng, jnp.zeros(input_shape)))
+  rng = jnp.asarray(rng)
+  treedef, programs = _init_programs(model, tuple(int(n) for n in input_shape),
+                                     tuple(rng.shape), rng.dtype)
+  leaves = [None] * treedef.num_leaves
+  for group, program in programs:
+    for i, leaf in zip(group, program(rng)):
+      leaves[i] = leaf
+  return dict(jax.tree_util.tree_unflatten(treedef, leaves))
 
 
 def probabilities(logits: jax.Array) -> jax.Array:
