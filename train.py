@@ -83,7 +83,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from googlenet_jax import cpu  # pylint: disable=import-outside-toplevel
   from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train.input_pipeline import DatasetError  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train.sources import DatasetError  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train.checkpointing import WorkdirLocked  # pylint: disable=import-outside-toplevel
   on_cpu = jax.default_backend() == "cpu"
   try:

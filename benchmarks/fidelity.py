@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
   from googlenet_jax.convert import torch_to_flax  # pylint: disable=import-outside-toplevel
   from googlenet_jax.tools import cli  # pylint: disable=import-outside-toplevel
   from googlenet_jax import model_dir  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline, sources  # pylint: disable=import-outside-toplevel
   cli.enable_compilation_cache()
   cli.configure_logging("%(asctime)s %(levelname)s %(message)s")
   input_pipeline.keep_tensorflow_off_accelerators()
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
     jax.config.update("jax_enable_x64", True)
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   os.makedirs(args.out, exist_ok=True)
-  source = input_pipeline.open_source(config)
+  source = sources.open_source(config)
   num_classes = config.num_classes or source.num_classes
   per_epoch = input_pipeline.steps_per_epoch(source, config)
   num_steps = config.num_train_steps or int(math.ceil(config.num_epochs * per_epoch))

@@ -60,7 +60,7 @@ from pipeline import cpu_seconds  # noqa: E402
 from configs import imagenet_torchvision  # noqa: E402
 from googlenet_jax import cpu  # noqa: E402
 from googlenet_jax.tools import cli  # noqa: E402
-from googlenet_jax.train import input_pipeline  # noqa: E402
+from googlenet_jax.train import input_pipeline, sources  # noqa: E402
 from googlenet_jax.train.parallel import Parallel  # noqa: E402
 from googlenet_jax.train.state import create_model, create_optimizer, create_train_state  # noqa: E402
 from googlenet_jax.train.steps import step_functions  # noqa: E402
@@ -259,7 +259,7 @@ def pipeline_row(root: str, loader: str, p: dict) -> dict:
       from googlenet_jax.train import dali_pipeline as module  # pylint: disable=import-outside-toplevel
     else:
       module = input_pipeline
-    source = input_pipeline.open_source(config)
+    source = sources.open_source(config)
     batches = module.train_batches(source, config, 0, config.num_train_steps)
     jax.block_until_ready(next(batches)["image"])  # warm-up: threads started, files cached
     images, start_cpu, start = 0, cpu_seconds(), time.perf_counter()

@@ -50,10 +50,10 @@ from torchvision import transforms  # noqa: E402
 
 import jpeg_set  # noqa: E402  (registers the TFDS dataset)
 from configs import imagenet_torchvision  # noqa: E402
-from googlenet_jax.train import dali_pipeline, input_pipeline  # noqa: E402
+from googlenet_jax.train import dali_pipeline, input_pipeline, preprocessing, sources  # noqa: E402
 
 TARGET_IMG_S = 5000
-MEAN, STD = input_pipeline.MEANS["imagenet"], input_pipeline.STDS["imagenet"]
+MEAN, STD = preprocessing.MEANS["imagenet"], preprocessing.STDS["imagenet"]
 
 
 def parse_args(argv=None):
@@ -121,7 +121,7 @@ def project_config(args, threads: int, dataset: str, data_dir: str = ""):
 
 
 def project_batches(config, train: bool, loader=input_pipeline):
-  source = input_pipeline.open_source(config)
+  source = sources.open_source(config)
   if train:
     for batch in loader.train_batches(source, config, 0, config.num_train_steps):
       yield batch, len(batch["label"])

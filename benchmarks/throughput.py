@@ -277,7 +277,7 @@ class TorchBench:
 def time_pipeline(args, steps=6):
   """Images/s of the input pipeline alone: a folder of JPEGs, inception crop, at --size."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline, sources  # pylint: disable=import-outside-toplevel
   config = make_config(args)
   root = tempfile.mkdtemp(prefix="gjax_pipe_")
   rng = np.random.RandomState(0)
@@ -291,7 +291,7 @@ def time_pipeline(args, steps=6):
   config.augment = "inception_crop"
   config.random_flip = True
   config.normalize = "imagenet"
-  source = input_pipeline.open_source(config)
+  source = sources.open_source(config)
   batches = input_pipeline.train_batches(source, config, 0, steps + 2, 0, 1)
   next(batches)
   t = time.perf_counter()

@@ -274,8 +274,8 @@ def test_evaluate_single_and_multi_crop(converted, folder_config):
   assert (single["crops"], multi["crops"]) == (1, 10)
   assert evaluate.format_result(multi).endswith("(val, 10 crops)")
   # the 10-crop numbers are PyTorch's on the same crops, softmax averaged
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
-  source = input_pipeline.open_source(loaded.config)
+  from googlenet_jax.train import sources  # pylint: disable=import-outside-toplevel
+  source = sources.open_source(loaded.config)
   split = source.splits["val"]
   nll = []
   for path, label in zip(split.paths, split.labels):

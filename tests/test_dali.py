@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from configs import default  # noqa: E402
-from googlenet_jax.train import dali_pipeline, input_pipeline  # noqa: E402
+from googlenet_jax.train import dali_pipeline, input_pipeline, preprocessing, sources  # noqa: E402
 
 from helpers import ROOT, subprocess_env  # noqa: E402
 
@@ -74,7 +74,7 @@ def differences(a, b):
 @pytest.mark.parametrize("fraction", [0.875, 1.0])
 def test_eval_batches_agree_with_tfdata(folder, fraction):
   cfg = config(folder, eval_crop_fraction=fraction)
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   want = list(input_pipeline.eval_batches(source, cfg))
   got = list(dali_pipeline.eval_batches(source, cfg))
   assert len(got) == len(want) == 2  # 9 examples: a padded, masked second batch
@@ -89,7 +89,7 @@ def test_eval_batches_agree_with_tfdata(folder, fraction):
 @pytest.mark.parametrize("augment,flip", [("inception_crop", True), ("none", False)])
 def test_train_batches_agree_with_tfdata_windows_and_flips(folder, augment, flip):
   cfg = config(folder, augment=augment, random_flip=flip)
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   want = list(input_pipeline.train_batches(source, cfg, 0, 6))
   got = list(dali_pipeline.train_batches(source, cfg, 0, 6))
   assert len(got) == len(want) == 6
@@ -117,7 +117,7 @@ def test_windows_are_the_tfdata_windows(folder):
   seeds = [(cfg.seed, 1000 + i) for i in range(20)]
   anchors, windows, _ = dali_pipeline.augmentation(cfg)(shapes, seeds)
   for (h, w), seed, anchor, window in zip(shapes, seeds, anchors, windows):
-    begin, size = input_pipeline.crop_window(tf.constant([h, w, 3]),
+    begin, size = preprocessing.crop_window(tf.constant([h, w, 3]),
                                              tf.constant(seed, tf.int64), cfg)
     np.testing.assert_array_equal(anchor, begin.numpy()[:2])
     np.testing.assert_array_equal(window, size.numpy()[:2])
@@ -125,7 +125,7 @@ def test_windows_are_the_tfdata_windows(folder):
 
 def test_resume_gives_the_uninterrupted_batches(folder):
   cfg = config(folder)
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   whole = list(dali_pipeline.train_batches(source, cfg, 0, 7))  # 3 steps an epoch: 2 epochs+
   resumed = list(dali_pipeline.train_batches(source, cfg, 4, 7))
   assert len(resumed) == 3
@@ -136,7 +136,7 @@ def test_resume_gives_the_uninterrupted_batches(folder):
 
 def test_two_processes_split_each_batch(folder):
   cfg = config(folder)
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   single = list(dali_pipeline.train_batches(source, cfg, 0, 3))
   halves = [list(dali_pipeline.train_batches(source, cfg, 0, 3, p, 2)) for p in (0, 1)]
   for step, batch in enumerate(single):
@@ -166,7 +166,7 @@ def test_bad_files_are_handled_as_tfdata_handles_them(tmp_path, caplog):
   (tmp_path / "c1" / "text.jpg").write_bytes(b"this is not a JPEG")
   cfg = config(tmp_path, val_fraction=0.2)
   with caplog.at_level(logging.WARNING, logger="googlenet_jax"):
-    source = input_pipeline.open_source(cfg)
+    source = sources.open_source(cfg)
   for bad in ("c0/random.jpg", "c1/text.jpg"):  # skipped for both loaders, named
     assert str(tmp_path / bad) in caplog.text
     assert not any(p.endswith(bad) for s in source.splits.values() for p in s.paths)
@@ -182,19 +182,19 @@ def test_bad_files_are_handled_as_tfdata_handles_them(tmp_path, caplog):
   with open(victim, "wb") as f:
     f.write(data[:len(data) // 2])
   cfg.batch_size = len(split)
-  with pytest.raises(input_pipeline.DatasetError, match=victim):
+  with pytest.raises(sources.DatasetError, match=victim):
     list(dali_pipeline.train_batches(source, cfg, 0, 1))
-  with pytest.raises(input_pipeline.DatasetError, match=victim):
+  with pytest.raises(sources.DatasetError, match=victim):
     list(dali_pipeline.eval_batches(source, cfg, "train"))
 
 
 def test_unsupported_sources_and_options_say_so(folder):
   cfg = config(folder)
-  source = input_pipeline.open_source(cfg)
-  digits = input_pipeline.Source("sklearn_digits", ["0"], {"test": input_pipeline.Split(
+  source = sources.open_source(cfg)
+  digits = sources.Source("sklearn_digits", ["0"], {"test": sources.Split(
       labels=np.zeros(2, np.int64), images=np.zeros((2, 8, 8, 3), np.uint8))},
       eval_split="test")
-  with pytest.raises(input_pipeline.DatasetError, match="use data_loader='tfdata' for "
+  with pytest.raises(sources.DatasetError, match="use data_loader='tfdata' for "
                      "sklearn_digits"):
     dali_pipeline.eval_batches(digits, cfg)
   for bad in (dict(augment="inception_crop_photometric"), dict(channels=1)):
@@ -220,7 +220,7 @@ def test_tfds_records_are_read_without_tensorflow(tmp_path):
   jpeg_set.generate(str(tmp_path), train=16, val=8, quiet=True)
   cfg = config(tmp_path, dataset="jpeg_benchmark_set", data_dir=jpeg_set.prepare_tfds(
       str(tmp_path)))
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   want = next(input_pipeline.eval_batches(source, cfg))
   got = next(dali_pipeline.eval_batches(source, cfg))
   np.testing.assert_array_equal(got["label"], want["label"])
@@ -240,10 +240,10 @@ def test_normalisation_is_the_configs_mean_and_std(tmp_path, normalize):
       Image.fromarray(np.full((50 + 9 * i, 70, 3), (0, 128, 255), np.uint8)).save(
           tmp_path / f"c{c}" / f"{i}.png")
   cfg = config(tmp_path, normalize=normalize, val_fraction=0.5, eval_batch_size=2)
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   got = next(dali_pipeline.eval_batches(source, cfg))["image"]
-  mean = np.asarray(input_pipeline.MEANS[normalize])
-  std = np.asarray(input_pipeline.STDS[normalize])
+  mean = np.asarray(preprocessing.MEANS[normalize])
+  std = np.asarray(preprocessing.STDS[normalize])
   want = (np.array([0, 128, 255]) / 255 - mean) / std
   np.testing.assert_allclose(got.reshape(-1, 3), np.broadcast_to(want, (got.size // 3, 3)),
                              rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from googlenet_jax.train import input_pipeline
+from googlenet_jax.train import input_pipeline, sources
 
 from helpers import subprocess_env
 
@@ -66,7 +66,7 @@ def test_folder_dataset_skips_corrupt_files_and_counts_every_eval_example(tmp_pa
   config = default.get_config()
   config.update(dict(dataset=f"folder:{tmp_path}", val_fraction=0.25, image_size=32,
                      batch_size=4, eval_batch_size=3))
-  source = input_pipeline.open_source(config)
+  source = sources.open_source(config)
   assert "broken.jpg" in caplog.text
   assert source.class_names == ["cat", "dog", "owl"]
   n_val, n_train = source.num_examples("val"), source.num_examples("train")
@@ -86,15 +86,15 @@ def test_empty_class_folder_is_an_error(tmp_path):
   os.makedirs(tmp_path / "empty")
   config = default.get_config()
   config.dataset = f"folder:{tmp_path}"
-  with pytest.raises(input_pipeline.DatasetError, match="'empty' has no images"):
-    input_pipeline.open_source(config)
+  with pytest.raises(sources.DatasetError, match="'empty' has no images"):
+    sources.open_source(config)
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   config = default.get_config()
   config.update(dict(dataset="imagenet2012", data_dir=str(tmp_path)))
-  with pytest.raises(input_pipeline.DatasetError, match="tfds build imagenet2012"):
-    input_pipeline.open_source(config)
+  with pytest.raises(sources.DatasetError, match="tfds build imagenet2012"):
+    sources.open_source(config)
 
 
 @pytest.mark.parametrize("name,size,channels", [("fashion_mnist", 32, 1), ("imagenet2012", 64, 3)])
@@ -105,7 +105,7 @@ def test_tfds_pipeline_on_mock_data(name, size, channels):
                      eval_batch_size=6, augment="inception_crop_photometric", random_flip=True,
                      num_train_steps=3, normalize="imagenet"))
   with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = input_pipeline.open_source(config)
+    source = sources.open_source(config)
     assert source.num_classes == (10 if name == "fashion_mnist" else 1000)
     batches = list(input_pipeline.train_batches(source, config, 0, 3))
     assert len(batches) == 3

@@ -215,7 +215,7 @@ def apply_record(image, record):
 def test_preprocessing_record_is_the_evaluation_preprocessing(fraction, normalize):
   import ml_collections  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import preprocessing  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(
       variant="torchvision", num_classes=3, aux_logits=False, transform_input=False,
       image_size=SIZE, channels=3, normalize=normalize, eval_crop_fraction=fraction))
@@ -224,7 +224,7 @@ def test_preprocessing_record_is_the_evaluation_preprocessing(fraction, normaliz
   record = export.preprocessing_record(loaded, "onnx")
   assert record["preprocessing"]["inside_export"] == []
   image = np.random.default_rng(0).integers(0, 256, (90, 123, 3), dtype=np.uint8)
-  want = input_pipeline.preprocess(tf.constant(image), tf.constant([0, 0], tf.int64), False,
+  want = preprocessing.preprocess(tf.constant(image), tf.constant([0, 0], tf.int64), False,
                                    config).numpy()
   got = apply_record(image, json.loads(json.dumps(record)))
   # The evaluation computes only the crop's pixels of the resize (the kernel weights round

@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import default
-from googlenet_jax.train import input_pipeline
+from googlenet_jax.train import input_pipeline, preprocessing, sources
 
 SIZE = 64
 
@@ -56,34 +56,34 @@ CASES = {
 def test_fused_decode_and_crop_equals_decode_then_crop(case):
   data = tf.constant(CASES[case]())
   cfg = config()
-  image = input_pipeline.decode(data)
+  image = preprocessing.decode(data)
   exact_window_differs = 0
   for position in range(12):  # 12 crop windows per image, from the run's seeds
     seed = tf.constant([7, position], tf.int64)
-    begin, size = input_pipeline.crop_window(tf.shape(image), seed, cfg)
+    begin, size = preprocessing.crop_window(tf.shape(image), seed, cfg)
     want = tf.slice(image, begin, size).numpy()
-    np.testing.assert_array_equal(input_pipeline.decode_crop(data, seed, cfg).numpy(), want)
+    np.testing.assert_array_equal(preprocessing.decode_crop(data, seed, cfg).numpy(), want)
     if case != "png":  # why decode_crop decodes a margin: the bare window's edges differ
       window = tf.stack([begin[0], begin[1], size[0], size[1]])
       bare = tf.io.decode_and_crop_jpeg(data, window, channels=3).numpy()
       exact_window_differs += not np.array_equal(bare, want)
     # The whole path: the same float image as preprocessing the decoded image.
     np.testing.assert_array_equal(
-        input_pipeline.decode_and_preprocess(data, seed, True, cfg).numpy(),
-        input_pipeline.preprocess(image, seed, True, cfg).numpy())
+        preprocessing.decode_and_preprocess(data, seed, True, cfg).numpy(),
+        preprocessing.preprocess(image, seed, True, cfg).numpy())
   if case in ("baseline_420", "progressive"):  # chroma subsampled in both directions
     assert exact_window_differs > 0
   # Evaluation decodes the whole image (resize the shorter side, central crop).
   seed = tf.constant([0, 0], tf.int64)
   np.testing.assert_array_equal(
-      input_pipeline.decode_and_preprocess(data, seed, False, cfg).numpy(),
-      input_pipeline.preprocess(image, seed, False, cfg).numpy())
+      preprocessing.decode_and_preprocess(data, seed, False, cfg).numpy(),
+      preprocessing.preprocess(image, seed, False, cfg).numpy())
 
 
 def test_crop_window_is_chosen_from_the_header_shape():
   data = tf.constant(CASES["baseline_420"]())
   np.testing.assert_array_equal(tf.io.extract_jpeg_shape(data).numpy(), (333, 497, 3))
-  windows = {tuple(input_pipeline.crop_window(tf.constant([333, 497, 3]),
+  windows = {tuple(preprocessing.crop_window(tf.constant([333, 497, 3]),
                                               tf.constant([7, p], tf.int64), config())[1].numpy())
              for p in range(12)}
   assert len(windows) > 6  # the seeds pick different windows
@@ -98,7 +98,7 @@ def test_folder_batches_are_the_preprocessed_decoded_images(tmp_path):
       with open(tmp_path / f"c{c}" / f"{i}.jpg", "wb") as f:
         f.write(encode(photo(90 + 13 * i, 120 - 7 * i, 10 * c + i), quality=90))
   cfg = config(dataset=f"folder:{tmp_path}", val_fraction=0.2, batch_size=4, seed=3)
-  source = input_pipeline.open_source(cfg)
+  source = sources.open_source(cfg)
   split = source.splits["train"]
   batches = list(input_pipeline.train_batches(source, cfg, 0, 3))
   per_epoch = input_pipeline.steps_per_epoch(source, cfg)
@@ -106,8 +106,8 @@ def test_folder_batches_are_the_preprocessed_decoded_images(tmp_path):
     perm = np.random.RandomState([cfg.seed, step // per_epoch]).permutation(len(split))
     for j in range(cfg.batch_size):
       index = perm[(step % per_epoch) * cfg.batch_size + j]
-      image = input_pipeline.decode(tf.io.read_file(split.paths[index]))
-      want = input_pipeline.preprocess(
+      image = preprocessing.decode(tf.io.read_file(split.paths[index]))
+      want = preprocessing.preprocess(
           image, tf.constant([cfg.seed, step * cfg.batch_size + j], tf.int64), True, cfg)
       np.testing.assert_array_equal(batch["image"][j], want.numpy())
       assert batch["label"][j] == split.labels[index]
@@ -117,10 +117,10 @@ def test_folder_batches_are_the_preprocessed_decoded_images(tmp_path):
 def test_normalisation_is_the_configs_mean_and_std(normalize):
   image = np.full((50, 70, 3), (0, 128, 255), np.uint8)
   cfg = config(normalize=normalize)
-  got = input_pipeline.preprocess(tf.constant(image), tf.constant([0, 0], tf.int64), False,
+  got = preprocessing.preprocess(tf.constant(image), tf.constant([0, 0], tf.int64), False,
                                   cfg).numpy()
-  mean = np.asarray(input_pipeline.MEANS[normalize])
-  std = np.asarray(input_pipeline.STDS[normalize])
+  mean = np.asarray(preprocessing.MEANS[normalize])
+  std = np.asarray(preprocessing.STDS[normalize])
   want = (np.array([0, 128, 255]) / 255 - mean) / std
   np.testing.assert_allclose(got.reshape(-1, 3), np.broadcast_to(want, (SIZE * SIZE, 3)),
                              rtol=0, atol=2e-6)

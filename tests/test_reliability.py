@@ -21,7 +21,7 @@ from PIL import Image
 from configs import default
 from googlenet_jax import train as training
 
-from googlenet_jax.train import checkpointing, input_pipeline
+from googlenet_jax.train import checkpointing, sources
 
 from helpers import subprocess_env
 
@@ -69,16 +69,16 @@ def test_more_impossible_configs_are_refused_together(overrides, match):
 def test_unknown_dataset_is_a_clear_error(tmp_path):
   config = default.get_config()
   config.update(dict(dataset="no_such_dataset_xyz", data_dir=str(tmp_path)))
-  with pytest.raises(input_pipeline.DatasetError, match="unknown dataset 'no_such_dataset_xyz'.*"
+  with pytest.raises(sources.DatasetError, match="unknown dataset 'no_such_dataset_xyz'.*"
                      "'sklearn_digits', 'folder:/path' or a TFDS name"):
-    input_pipeline.open_source(config)
+    sources.open_source(config)
 
 
 def test_missing_dataset_folder_is_a_clear_error(tmp_path):
   config = default.get_config()
   config.dataset = f"folder:{tmp_path / 'nope'}"
-  with pytest.raises(input_pipeline.DatasetError, match="does not exist"):
-    input_pipeline.open_source(config)
+  with pytest.raises(sources.DatasetError, match="does not exist"):
+    sources.open_source(config)
 
 
 def _images(folder, n, corrupt=0):
@@ -98,7 +98,7 @@ def test_corrupt_files_are_named_and_counted(tmp_path, caplog):
   config = default.get_config()
   config.dataset = f"folder:{tmp_path}"
   with caplog.at_level(logging.WARNING, logger="googlenet_jax"):
-    source = input_pipeline.open_source(config)
+    source = sources.open_source(config)
   assert "skipping 2 unreadable image file(s)" in caplog.text
   assert str(tmp_path / "train" / "a" / "bad0.jpg") in caplog.text
   assert str(tmp_path / "train" / "b" / "bad0.jpg") in caplog.text
@@ -123,8 +123,8 @@ def test_empty_split_or_class_is_an_error(tmp_path, layout, match):
         _images(tmp_path / "val" / cls, 1)
   config = default.get_config()
   config.dataset = f"folder:{tmp_path}"
-  with pytest.raises(input_pipeline.DatasetError, match=match):
-    input_pipeline.open_source(config)
+  with pytest.raises(sources.DatasetError, match=match):
+    sources.open_source(config)
 
 
 _WITHOUT_FIELDS = """from configs import default

@@ -51,7 +51,7 @@ def ten_crops(image, config):
   """uint8 HWC image -> float32 (10, size, size, channels): the five crops, then their mirrors,
   normalised as `config.normalize` says."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import preprocessing  # pylint: disable=import-outside-toplevel
   size, channels = config.image_size, config.get("channels", 3)
   side = multi_crop_resize(config)
   image = tf.image.convert_image_dtype(image, tf.float32)
@@ -67,8 +67,8 @@ def ten_crops(image, config):
   crops = five_crops(square, size)
   crops = tf.stack(crops + [tf.image.flip_left_right(c) for c in crops])
   norm = config.get("normalize", "imagenet")
-  mean = tf.constant(input_pipeline.MEANS[norm][:channels], tf.float32)
-  std = tf.constant(input_pipeline.STDS[norm][:channels], tf.float32)
+  mean = tf.constant(preprocessing.MEANS[norm][:channels], tf.float32)
+  std = tf.constant(preprocessing.STDS[norm][:channels], tf.float32)
   crops = (crops - mean) / std
   crops.set_shape((NUM_CROPS, size, size, channels))
   return crops
@@ -109,7 +109,7 @@ def evaluate_model(loaded, config: Any, split: Optional[str] = None,
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from googlenet_jax import train as training  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import input_pipeline, sources  # pylint: disable=import-outside-toplevel
   if not config.get("dataset"):
     raise ValueError("the config names no dataset: pass --config FILE (e.g. the training config)")
   parallel = training.Parallel(config.get("parallel", "pmap"))
@@ -117,7 +117,7 @@ def evaluate_model(loaded, config: Any, split: Optional[str] = None,
   if batch % jax.device_count():
     raise ValueError(f"eval_batch_size {batch} must be a multiple of the device count "
                      f"{jax.device_count()}")
-  source = input_pipeline.open_source(config)
+  source = sources.open_source(config)
   if loaded.model.num_classes < source.num_classes:
     raise ValueError(f"the model has {loaded.model.num_classes} classes, the dataset "
                      f"{source.name} {source.num_classes}")

@@ -26,7 +26,7 @@ batch size, to float32 logits (batch, num_classes):
 
 Preprocessing. `transform_input` (torchvision's re-normalisation) is inside every export, as
 it is inside the network. The image preprocessing (decode, resize / centre crop, mean/std
-normalisation: `googlenet_jax.train.input_pipeline.preprocess` in evaluation mode) is not: it
+normalisation: `googlenet_jax.train.preprocessing.preprocess` in evaluation mode) is not: it
 works on images of any size, with TensorFlow's antialiased resize, which the other runtimes do
 not reproduce exactly. It is written next to the export as JSON, with the class names:
 PATH.preprocessing.json for jax and onnx (the ONNX file also carries it in its metadata, key
@@ -113,8 +113,8 @@ def logits_fn_of_variables(loaded) -> Callable:
 
 def preprocessing_record(loaded, fmt: str) -> dict:
   """The machine-readable preprocessing: what a serving client does to a decoded image before
-  the export, exactly as `input_pipeline.preprocess(image, seed, train=False, config)` does."""
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  the export, exactly as `preprocessing.preprocess(image, seed, train=False, config)` does."""
+  from googlenet_jax.train import preprocessing  # pylint: disable=import-outside-toplevel
   config = loaded.config
   size, _, channels = input_shape(config)
   norm = config.get("normalize", "imagenet")
@@ -140,12 +140,12 @@ def preprocessing_record(loaded, fmt: str) -> dict:
     steps.append({"op": "center_crop", "height": size, "width": size,
                   "offset": "((h - height) // 2, (w - width) // 2)",
                   "note": "tf.image.resize_with_crop_or_pad"})
-  scale, offset = input_pipeline.normalization(norm, channels, unit)
+  scale, offset = preprocessing.normalization(norm, channels, unit)
   steps.append({"op": "normalize", "scale": scale.tolist(), "offset": offset.tolist(),
                 "formula": "float32 x * scale + offset per channel (last axis), x the resized "
                            "values (0..255 for uint8 input): (x * unit - mean) / std",
-                "unit": unit, "mean": list(input_pipeline.MEANS[norm][:channels]),
-                "std": list(input_pipeline.STDS[norm][:channels])})
+                "unit": unit, "mean": list(preprocessing.MEANS[norm][:channels]),
+                "std": list(preprocessing.STDS[norm][:channels])})
   steps.append({"op": "stack", "layout": "NHWC", "note": "a batch of any size"})
   return {
       "format_version": PREPROCESSING_VERSION,
@@ -158,7 +158,7 @@ def preprocessing_record(loaded, fmt: str) -> dict:
       "preprocessing": {
           "inside_export": (["transform_input"] if loaded.model.transform_input else []),
           "before_export": steps,
-          "reference": "googlenet_jax.train.input_pipeline.preprocess(image, seed, "
+          "reference": "googlenet_jax.train.preprocessing.preprocess(image, seed, "
                        "train=False, config)",
           "normalize": norm, "image_size": size, "channels": channels,
           "eval_crop_fraction": fraction,

@@ -25,7 +25,7 @@ def load_image(path: str, config: Any) -> np.ndarray:
   """An image file -> the float32 (size, size, channels) array the evaluation would feed.
   Raises ValueError naming the file when it cannot be read or decoded."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from googlenet_jax.train import input_pipeline  # pylint: disable=import-outside-toplevel
+  from googlenet_jax.train import preprocessing  # pylint: disable=import-outside-toplevel
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -35,7 +35,7 @@ def load_image(path: str, config: Any) -> np.ndarray:
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, ValueError):
     raise ValueError(f"{path}: not a decodable image (JPEG, PNG, GIF or BMP expected)") from None
-  return input_pipeline.preprocess(image, tf.constant([0, 0], tf.int64), False, config).numpy()
+  return preprocessing.preprocess(image, tf.constant([0, 0], tf.int64), False, config).numpy()
 
 
 def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:

@@ -3,8 +3,9 @@ and input. `python train.py` is the command line; these are its parts, for your 
 
 One job per file: `config` (checks), `state` (model, optimiser, schedule, initialisation),
 `steps` (train and eval step, written once per device), `parallel` (pmap or shard_map),
-`metrics`, `loop` (`train_and_evaluate`), `checkpointing`, `input_pipeline` (tf.data),
-`dali_pipeline` (NVIDIA DALI), `tfrecords`, `digits` (the offline dataset). Model directories
+`metrics`, `loop` (`train_and_evaluate`), `checkpointing`, `sources` (datasets),
+`preprocessing` (TensorFlow image ops), `input_pipeline` (tf.data batches), `dali_pipeline`
+(NVIDIA DALI batches), `tfrecords`, `digits` (the offline dataset). Model directories
 (config.json, checkpoints for inference, fine-tuning) are `googlenet_jax.model_dir`.
 """
 

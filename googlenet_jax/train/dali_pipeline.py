@@ -4,7 +4,7 @@
 Python chooses everything random, exactly as the tf.data path does: the example order and
 augmentation positions (`input_pipeline.train_positions` / `eval_positions`), the inception
 crop window and the flip of each example from [seed, position] (`augmentation`, which runs the
-tf.data path's own TensorFlow ops, `input_pipeline.crop_window` and the stateless flip draw, on
+tf.data path's own TensorFlow ops, `preprocessing.crop_window` and the stateless flip draw, on
 the image's header shape: no pixels). DALI gets each example's encoded bytes and its window
 through `fn.external_source`, decodes only the window (`fn.decoders.image_slice`), resizes it
 (linear, antialiased, rounded to uint8: a quarter less CPU per image than resizing to
@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from googlenet_jax.train import input_pipeline
-from googlenet_jax.train.input_pipeline import DatasetError, Source
+from googlenet_jax.train import input_pipeline, preprocessing
+from googlenet_jax.train.sources import DatasetError, Source
 
 NOT_SUPPORTED = "not supported with data_loader='dali'"
 
@@ -122,16 +122,16 @@ def examples(source: Source, split_name: str) -> _Examples:
 def augmentation(config) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
   """(shapes (B, 2) int, seeds (B, 2) int64) -> (anchors (B, 2), windows (B, 2), flips (B,))
   int32: each example's training crop window (y, x) and (h, w) and whether it is flipped,
-  from the same TensorFlow ops on the same seeds as `input_pipeline.preprocess`."""
+  from the same TensorFlow ops on the same seeds as `preprocessing.preprocess`."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  crop = input_pipeline._inception_crop(config, True)  # pylint: disable=protected-access
+  crop = preprocessing.inception_crop(config, True)
   flip = config.augment != "none" and config.random_flip
 
   def one(args):
     shape, seed = args
     full = tf.concat([shape, [3]], 0)
     if crop:
-      begin, size = input_pipeline.crop_window(full, seed, config)
+      begin, size = preprocessing.crop_window(full, seed, config)
     else:
       begin, size = tf.zeros([3], tf.int32), full
     if flip:
@@ -159,7 +159,7 @@ def eval_window(shape: tuple[int, int], config) -> tuple[np.ndarray, np.ndarray]
   """The region of the decoded image (roi start, roi end; (y, x), float) that the evaluation
   resize maps onto size x size: the whole image, or with eval_crop_fraction < 1 the central
   crop of the shorter side resized to size / fraction, in input coordinates (the same scale
-  and offset as `input_pipeline._resize_shorter_side_and_center_crop`)."""
+  and offset as `preprocessing._resize_shorter_side_and_center_crop`)."""
   size, fraction = config.image_size, config.eval_crop_fraction
   hw = np.asarray(shape, np.float32)
   if fraction >= 1.0:
@@ -181,8 +181,8 @@ def _on_gpu() -> bool:
 
 def _mean_std(config) -> tuple[list[float], list[float]]:
   norm = config.normalize
-  return ([255 * m for m in input_pipeline.MEANS[norm]],
-          [255 * s for s in input_pipeline.STDS[norm]])
+  return ([255 * m for m in preprocessing.MEANS[norm]],
+          [255 * s for s in preprocessing.STDS[norm]])
 
 
 def _build(feed: Iterator[tuple], batch_size: int, config, train: bool, device_id,

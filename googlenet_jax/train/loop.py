@@ -17,7 +17,7 @@ import numpy as np
 
 from googlenet_jax import model_dir
 from googlenet_jax.ops import LAX, Ops
-from googlenet_jax.train import checkpointing, dali_pipeline, input_pipeline
+from googlenet_jax.train import checkpointing, dali_pipeline, input_pipeline, sources
 from googlenet_jax.train.config import validate_config
 from googlenet_jax.train.metrics import MetricWriter
 from googlenet_jax.train.parallel import Parallel
@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, ops: 
   in `create_train_state` (train.py: `googlenet_jax.cpu.ops()` and True on CPU). The config is
   checked by `_one_run_per_workdir`, before the workdir is locked."""
   is_main = jax.process_index() == 0
-  source = input_pipeline.open_source(config)
+  source = sources.open_source(config)
   num_classes = config.num_classes or source.num_classes
   if num_classes < source.num_classes:
     raise ValueError(f"num_classes {num_classes} < the dataset's {source.num_classes} classes")

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from googlenet_jax.train.input_pipeline import DatasetError
+from googlenet_jax.train.sources import DatasetError
 
 
 def index(path: str) -> np.ndarray:
