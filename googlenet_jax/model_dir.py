@@ -104,7 +104,10 @@ def create_model(config: Any, num_classes: Optional[int] = None, ops: Ops = LAX,
   """The network a config (a ConfigDict, or a config.json record) describes. `num_classes`
   None: the config's; `ops` as `GoogLeNet.ops` (`googlenet_jax.cpu.ops()` on CPU);
   `bn_axis_name` the mapped axis BatchNorm averages its batch statistics over in training (none
-  for inference). `float64` takes effect under `jax_enable_x64` (train.py turns it on)."""
+  for inference). `float64` takes effect under `jax_enable_x64` (train.py turns it on).
+  A converted model's record holds the network and feeding fields only: a field it lacks
+  (half_precision, float64, dropout, ...) is off or the layout's own, as GoogLeNet's own
+  arguments default."""
   variant = config.get("variant")
   if variant not in variants.LAYOUTS:
     raise ModelDirError(f"unknown variant {variant!r} in the model config; expected one of "

@@ -32,7 +32,7 @@ NUM_CROPS = 10
 
 def multi_crop_resize(config) -> int:
   """Side of the square the crops are taken from."""
-  fraction = config.get("eval_crop_fraction", 1.0)
+  fraction = config.eval_crop_fraction
   fraction = fraction if fraction < 1.0 else 0.875
   return int(round(config.image_size / fraction))
 
@@ -52,7 +52,7 @@ def ten_crops(image, config):
   normalised as `config.normalize` says."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from googlenet_jax.train import preprocessing  # pylint: disable=import-outside-toplevel
-  size, channels = config.image_size, config.get("channels", 3)
+  size, channels = config.image_size, config.channels
   side = multi_crop_resize(config)
   image = tf.image.convert_image_dtype(image, tf.float32)
   if image.shape[-1] == 1 and channels == 3:
@@ -66,7 +66,7 @@ def ten_crops(image, config):
   square.set_shape((side, side, channels))
   crops = five_crops(square, size)
   crops = tf.stack(crops + [tf.image.flip_left_right(c) for c in crops])
-  norm = config.get("normalize", "imagenet")
+  norm = config.normalize
   mean = tf.constant(preprocessing.MEANS[norm][:channels], tf.float32)
   std = tf.constant(preprocessing.STDS[norm][:channels], tf.float32)
   crops = (crops - mean) / std
@@ -112,8 +112,8 @@ def evaluate_model(loaded, config: Any, split: Optional[str] = None,
   from googlenet_jax.train import input_pipeline, sources  # pylint: disable=import-outside-toplevel
   if not config.get("dataset"):
     raise ValueError("the config names no dataset: pass --config FILE (e.g. the training config)")
-  parallel = training.Parallel(config.get("parallel", "pmap"))
-  batch = config.get("eval_batch_size") or config.batch_size
+  parallel = training.Parallel(config.parallel)
+  batch = config.eval_batch_size or config.batch_size
   if batch % jax.device_count():
     raise ValueError(f"eval_batch_size {batch} must be a multiple of the device count "
                      f"{jax.device_count()}")

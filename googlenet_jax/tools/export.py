@@ -93,7 +93,7 @@ def export_ops(fmt: str):
 
 def input_shape(config: Any) -> tuple[int, int, int]:
   size = int(config.image_size)
-  return size, size, int(config.get("channels", 3))
+  return size, size, int(config.channels)
 
 
 def logits_fn(loaded) -> Callable:
@@ -117,8 +117,8 @@ def preprocessing_record(loaded, fmt: str) -> dict:
   from googlenet_jax.train import preprocessing  # pylint: disable=import-outside-toplevel
   config = loaded.config
   size, _, channels = input_shape(config)
-  norm = config.get("normalize", "imagenet")
-  fraction = float(config.get("eval_crop_fraction", 1.0))
+  norm = config.normalize
+  fraction = float(config.eval_crop_fraction)
   steps: list[dict] = [
       {"op": "decode", "channels": 3, "dtype": "uint8",
        "note": "RGB; tf.io.decode_image(data, channels=3)"},
