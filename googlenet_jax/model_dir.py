@@ -68,15 +68,23 @@ def write_config(directory: str, config: Any, *, num_classes: int,
   return path
 
 
-def read_config(directory: str) -> Optional[dict]:
-  path = os.path.join(directory, CONFIG_FILE)
+def read_json(path: str) -> Any:
+  """The JSON value in `path`, or None if there is no such file; OSError or ValueError for one
+  that cannot be read or parsed."""
   if not os.path.exists(path):
     return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_config(directory: str) -> Optional[dict]:
+  path = os.path.join(directory, CONFIG_FILE)
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = read_json(path)
   except (OSError, ValueError) as e:
     raise ModelDirError(f"{path}: unreadable ({e})") from None
+  if record is None:
+    return None
   if not isinstance(record, dict) or "variant" not in record:
     raise ModelDirError(f"{path}: not a model config (no 'variant')")
   return record

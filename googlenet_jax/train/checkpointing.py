@@ -108,14 +108,12 @@ def write_checksums(step_dir: str) -> None:
 
 def verify_checksums(step_dir: str) -> Optional[str]:
   """None if the files match `checksums.json` (or there is none yet), else what is wrong."""
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
-    return None
   try:
-    with open(path) as f:
-      expected = json.load(f)
+    expected = model_dir.read_json(os.path.join(step_dir, CHECKSUMS))
   except (OSError, ValueError) as e:
     return f"unreadable {CHECKSUMS} ({e})"
+  if expected is None:
+    return None
   actual = _file_crcs(step_dir)
   bad = sorted(k for k in expected if actual.get(k) != expected[k])
   if bad:
