@@ -33,6 +33,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 # The config fields that define the network (the rest say how to feed and train it).
 MODEL_FIELDS = ("variant", "num_classes", "aux_logits", "transform_input")
+# The config fields that say how to feed it an image: every config.json holds them.
+FEEDING_FIELDS = ("image_size", "channels", "normalize", "eval_crop_fraction")
 # Heads whose shape follows num_classes: replaced rather than loaded when fine-tuning.
 CLASSIFIER_PATHS = (("classifier",), ("aux_after_4a", "fc2"), ("aux_after_4d", "fc2"))
 
@@ -56,6 +58,10 @@ def write_config(directory: str, config: Any, *, num_classes: int,
   """Write DIR/config.json (atomically): the config, `num_classes` resolved, class names."""
   record = config_to_dict(config)
   record["num_classes"] = int(num_classes)
+  missing = [f for f in ("variant",) + FEEDING_FIELDS if f not in record]
+  if missing:
+    raise ValueError(f"a model config needs {', '.join(missing)} (how the network is fed); "
+                     "the record holds " + ", ".join(sorted(record)))
   if class_names is not None:
     record["class_names"] = [str(n) for n in class_names]
   os.makedirs(directory, exist_ok=True)
@@ -351,6 +357,11 @@ def inference_config(record: Optional[dict], override: Any, where: str) -> Any:
     raise ModelDirError(f"{where} has no {CONFIG_FILE} (train.py and googlenet_jax.tools.convert "
                         "write one); pass the training config with --config FILE")
   if override is None:
+    missing = [f for f in FEEDING_FIELDS if f not in record]
+    if missing:
+      raise ModelDirError(f"{os.path.join(where, CONFIG_FILE)} lacks {', '.join(missing)}: add "
+                          "them (configs/default.py says what they mean) or pass the training "
+                          "config with --config FILE")
     return ml_collections.ConfigDict(record)
   config = ml_collections.ConfigDict(config_to_dict(override))
   if record is not None:

@@ -136,7 +136,7 @@ def test_export_command_writes_an_artifact_for_cuda_and_tpu(tmp_path):
   workdir = str(tmp_path / "model")
   model_dir.save_variables(workdir, jax.tree.map(lambda a: np.ones(a.shape, a.dtype), variables))
   model_dir.write_config(workdir, dict(variant="torchvision", aux_logits=False, image_size=64,
-                                       channels=3, normalize="imagenet"),
+                                       channels=3, normalize="imagenet", eval_crop_fraction=1.0),
                          num_classes=NUM_CLASSES, class_names=[str(i) for i in range(10)])
   out = str(tmp_path / "googlenet.jax")
   script = os.path.join(os.path.dirname(sys.executable), "googlenet-jax")

@@ -161,6 +161,19 @@ def test_convert_wrong_variant_is_one_short_error(tmp_path, capsys):
   assert record["variant"] == "torchvision" and record["transform_input"] is True, record
 
 
+def test_a_model_config_without_its_feeding_fields_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="needs channels, eval_crop_fraction"):
+    model_dir.write_config(str(tmp_path), dict(variant="torchvision", image_size=64,
+                                               normalize="imagenet"), num_classes=3)
+  assert not os.path.exists(tmp_path / "config.json")
+  record = dict(variant="torchvision", num_classes=3, image_size=64, channels=3)
+  with pytest.raises(model_dir.ModelDirError,
+                     match=r"config.json lacks normalize, eval_crop_fraction: add them"):
+    model_dir.inference_config(record, None, str(tmp_path))
+  override = default.get_config()
+  assert model_dir.inference_config(record, override, str(tmp_path)).normalize == "half"
+
+
 def test_class_names():
   assert model_dir.class_names({"num_classes": 3, "class_names": ["a", "b", "c"]}) == [
       "a", "b", "c"]
