@@ -42,13 +42,12 @@ def test_the_network_imports_no_other_layer_and_no_training_library():
             raise ImportError("No module named 'torch'")
 
       sys.meta_path.insert(0, NoTorch())
-      import jax, numpy as np
+      import jax
       for name in {NETWORK!r}:
         __import__(name)
-      from googlenet_jax import GoogLeNet, convert
+      from googlenet_jax import GoogLeNet, convert, init_variables
       model = GoogLeNet(variant="torchvision", num_classes=5)
-      x = np.zeros((1, 64, 64, 3), np.float32)
-      variables = jax.jit(model.init)(jax.random.key(0), x)
+      variables = init_variables(model, jax.random.key(0), input_shape=(1, 64, 64, 3))
       state_dict = convert.flax_to_torch(variables, "torchvision", as_numpy=True)
       back = convert.torch_to_flax(state_dict, "torchvision")
       loaded = sorted(m for m in sys.modules
